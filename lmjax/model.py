@@ -1,0 +1,339 @@
+"""A decoder-only transformer language model in flax.linen, readable in one sitting.
+
+Math names used throughout (and in tensor-shape suffixes such as `x_ND`):
+  B  batch size                 T  sequence length (tokens per row)
+  N  B * T, tokens in a batch   D  d_model, width of the residual stream
+  H  query heads                K  key/value heads (H % K == 0; K < H is grouped-query)
+  G  H // K, queries per kv head
+  Dh head size (D // H unless set)   F  MLP hidden width   V  vocabulary size
+  L  number of layers
+
+The residual stream is kept 2-D, (N, D), between blocks: on XLA:CPU this avoids slow
+fused transposes of (B, T, D) tensors and made a small GPT train step 1.5x faster.
+Attention reshapes to (B, T, ...) only where it needs the time axis.
+
+Every parameter carries logical axis names (vocab, embed, heads, kv, mlp, layers); the
+main activations carry logical constraints (batch, length, act_*). lmjax/sharding.py maps
+both onto mesh axes with one rules table; outside a mesh the constraints do nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.errors import ConfigError, check_choice, check_positive, require
+
+POSITIONS = ("sinusoidal", "learned", "rope")
+MLPS = ("gelu", "relu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "dot_product_attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Architecture of one model. Validated on construction; every field has a default.
+
+  d_head and d_ff may be left at 0, meaning "derive": d_head = d_model // n_heads;
+  d_ff = 4 * d_model for gelu/relu, and 8/3 * d_model rounded up to a multiple of 8
+  for swiglu (so that gated and ungated MLPs hold about the same parameters).
+  """
+  vocab_size: int = 256
+  d_model: int = 128
+  n_layers: int = 2
+  n_heads: int = 4
+  n_kv_heads: int = 0          # 0 means n_heads (plain multi-head attention)
+  d_head: int = 0              # 0 means d_model // n_heads
+  d_ff: int = 0                # 0 means derive from mlp (see above)
+  max_len: int = 128           # longest sequence; sizes the learned position table
+  position: str = "learned"    # sinusoidal | learned | rope
+  rope_theta: float = 10000.0
+  mlp: str = "gelu"            # gelu (tanh approximation, as GPT-2) | relu | swiglu
+  norm: str = "layernorm"      # layernorm (scale + bias) | rmsnorm (scale)
+  norm_position: str = "pre"   # pre | post
+  norm_eps: float = 1e-6
+  qk_norm: bool = False        # normalise queries and keys per head before the dot product
+  tie_embeddings: bool = True  # logits use the token embedding matrix
+  dtype: str = "float32"       # compute dtype; parameters, norms, softmax and accumulation stay f32
+  scan_layers: bool = False    # nn.scan over identical blocks (faster compiles for deep models)
+  remat: str = "none"          # none | full | dots: activation recomputation in the backward pass
+  attention: str = "xla"       # xla (einsum + masked softmax) | dot_product_attention (fused, cuDNN on GPU)
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+      check_positive(f"model.{name}", getattr(self, name))
+      require(isinstance(getattr(self, name), int),
+              f"model.{name}={getattr(self, name)!r} must be an integer.")
+    for name in ("n_kv_heads", "d_head", "d_ff"):
+      value = getattr(self, name)
+      require(isinstance(value, int) and value >= 0,
+              f"model.{name}={value!r} must be a non-negative integer (0 means derive it).")
+    check_positive("model.norm_eps", self.norm_eps)
+    check_positive("model.rope_theta", self.rope_theta)
+    check_choice("model.position", self.position, POSITIONS)
+    check_choice("model.mlp", self.mlp, MLPS)
+    check_choice("model.norm", self.norm, NORMS)
+    check_choice("model.norm_position", self.norm_position, NORM_POSITIONS)
+    check_choice("model.dtype", self.dtype, DTYPES)
+    check_choice("model.remat", self.remat, ("none", "full", "dots"))
+    check_choice("model.attention", self.attention, ATTENTION_IMPLS)
+    if not self.d_head:
+      require(self.d_model % self.n_heads == 0,
+              f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+              "pick n_heads dividing d_model or set model.d_head explicitly.")
+    require(self.kv_heads <= self.n_heads and self.n_heads % self.kv_heads == 0,
+            f"model.n_kv_heads={self.n_kv_heads} does not divide model.n_heads={self.n_heads}; "
+            "use a divisor of n_heads (1 = multi-query, n_heads = multi-head).")
+    if self.position == "rope":
+      require(self.head_dim % 2 == 0,
+              f"model.position='rope' needs an even head size, got d_head={self.head_dim}; "
+              "change d_model/n_heads or d_head.")
+
+  @property
+  def kv_heads(self) -> int:
+    return self.n_kv_heads or self.n_heads
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_head or self.d_model // self.n_heads
+
+  @property
+  def ff_dim(self) -> int:
+    if self.d_ff:
+      return self.d_ff
+    if self.mlp == "swiglu":
+      return (math.ceil(8 * self.d_model / 3) + 7) // 8 * 8
+    return 4 * self.d_model
+
+  @property
+  def compute_dtype(self) -> Any:
+    return jnp.bfloat16 if self.dtype == "bfloat16" else jnp.float32
+
+
+def _fan_in_init(fan_in: int, scale: float = 1.0) -> nn.initializers.Initializer:
+  """N(0, scale^2 / fan_in): unit-variance outputs for unit-variance inputs."""
+  return nn.initializers.normal(stddev=scale / math.sqrt(fan_in))
+
+
+def _dot(x: jax.Array, w: jax.Array, dims: tuple, dtype: Any) -> jax.Array:
+  """Contracts x with w in the compute dtype, accumulating in f32 (fast and exact enough on
+  CPU, and the numerically safe choice for bf16 on accelerators)."""
+  return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (dims, ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+class Norm(nn.Module):
+  """LayerNorm or RMSNorm over the last axis, always computed in f32."""
+  kind: str
+  eps: float
+  axis_name: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = x.astype(jnp.float32)
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+                       (d,), jnp.float32)
+    if self.kind == "rmsnorm":
+      return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (self.axis_name,)),
+                      (d,), jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+
+
+def sinusoidal_table(length: int, d: int) -> jax.Array:
+  """The original transformer's table: PE[t, 2i] = sin(t / 10000^(2i/d)), PE[t, 2i+1] = cos(.)."""
+  pos = jnp.arange(length, dtype=jnp.float32)[:, None]
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  angles = pos * inv_freq[None, :]                                   # (T, ceil(d/2))
+  table = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)     # interleave sin, cos
+  return table.reshape(length, -1)[:, :d]
+
+
+def apply_rope(x_BTHd: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, rotate-half convention: pairs (i, i + Dh/2) rotate by t * theta^(-2i/Dh)."""
+  half = x_BTHd.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions_T.astype(jnp.float32)[:, None] * inv_freq[None, :]   # (T, Dh/2)
+  sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+  x1, x2 = x_BTHd[..., :half].astype(jnp.float32), x_BTHd[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_ND, positions_T, segment_ids_BT=None):
+    cfg = self.cfg
+    D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
+    T = positions_T.shape[0]
+    B, G = x_ND.shape[0] // T, H // K
+    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)  # residual branches sum over 2L blocks
+    w_q = self.param("w_q", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "heads", "kv")),
+                     (D, H, Dh), jnp.float32)
+    w_k = self.param("w_k", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "heads", "kv")),
+                     (D, K, Dh), jnp.float32)
+    w_v = self.param("w_v", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "heads", "kv")),
+                     (D, K, Dh), jnp.float32)
+    w_o = self.param("w_o", nn.with_logical_partitioning(_fan_in_init(H * Dh, out_scale),
+                                                         ("heads", "kv", "embed")),
+                     (H, Dh, D), jnp.float32)
+    dt = cfg.compute_dtype
+    q = _dot(x_ND, w_q, ((1,), (0,)), dt).reshape(B, T, H, Dh)
+    k = _dot(x_ND, w_k, ((1,), (0,)), dt).reshape(B, T, K, Dh)
+    v = _dot(x_ND, w_v, ((1,), (0,)), dt).reshape(B, T, K, Dh)
+    q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
+    if cfg.qk_norm:
+      q = Norm(cfg.norm, cfg.norm_eps, "kv", name="q_norm")(q)
+      k = Norm(cfg.norm, cfg.norm_eps, "kv", name="k_norm")(k)
+    if cfg.position == "rope":
+      q, k = apply_rope(q, positions_T, cfg.rope_theta), apply_rope(k, positions_T, cfg.rope_theta)
+
+    if cfg.attention == "dot_product_attention" and segment_ids_BT is None:
+      # Fused kernel (cuDNN flash attention on GPU); handles grouped-query heads itself.
+      o = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), is_causal=True,
+                                       scale=1.0 / math.sqrt(Dh))
+    else:
+      q = q.reshape(B, T, K, G, Dh)
+      s = jnp.einsum("btkgd,bskd->bkgts", q.astype(dt), k.astype(dt),
+                     preferred_element_type=jnp.float32) / math.sqrt(Dh)
+      mask_TS = jnp.tril(jnp.ones((T, T), dtype=bool))
+      mask = mask_TS[None, None, None]
+      if segment_ids_BT is not None:  # packed documents must not attend across boundaries
+        same = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+        mask = mask & same[:, None, None]
+      s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+      p = jax.nn.softmax(s, axis=-1)                                    # f32 softmax
+      o = jnp.einsum("bkgts,bskd->btkgd", p.astype(dt), v.astype(dt),
+                     preferred_element_type=jnp.float32)
+    o_NHd = o.reshape(B * T, H, Dh)
+    return _dot(o_NHd, w_o, ((1, 2), (0, 1)), dt)                       # (N, D)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_ND):
+    cfg = self.cfg
+    D, F, dt = cfg.d_model, cfg.ff_dim, cfg.compute_dtype
+    out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)
+    w_up = self.param("w_up", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "mlp")),
+                      (D, F), jnp.float32)
+    w_down = self.param("w_down", nn.with_logical_partitioning(_fan_in_init(F, out_scale),
+                                                               ("mlp", "embed")), (F, D), jnp.float32)
+    h_NF = _dot(x_ND, w_up, ((1,), (0,)), dt)
+    if cfg.mlp == "swiglu":
+      w_gate = self.param("w_gate", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "mlp")),
+                          (D, F), jnp.float32)
+      h_NF = jax.nn.silu(_dot(x_ND, w_gate, ((1,), (0,)), dt)) * h_NF
+    elif cfg.mlp == "gelu":
+      h_NF = jax.nn.gelu(h_NF, approximate=True)
+    else:
+      h_NF = jax.nn.relu(h_NF)
+    h_NF = nn.with_logical_constraint(h_NF, ("batch", "act_mlp"))
+    return _dot(h_NF, w_down, ((1,), (0,)), dt)
+
+
+class Block(nn.Module):
+  """One transformer layer. Pre-norm: x + f(norm(x)). Post-norm: norm(x + f(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_ND, positions_T, segment_ids_BT=None):
+    cfg = self.cfg
+    attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
+    norm1 = Norm(cfg.norm, cfg.norm_eps, name="attn_norm")
+    norm2 = Norm(cfg.norm, cfg.norm_eps, name="mlp_norm")
+    if cfg.norm_position == "pre":
+      x_ND = x_ND + attn(norm1(x_ND), positions_T, segment_ids_BT)
+      x_ND = x_ND + mlp(norm2(x_ND))
+    else:
+      x_ND = norm1(x_ND + attn(x_ND, positions_T, segment_ids_BT))
+      x_ND = norm2(x_ND + mlp(x_ND))
+    return nn.with_logical_constraint(x_ND, ("batch", "act_embed"))
+
+
+class ScanBlock(nn.Module):
+  """Block with the (carry, out) signature nn.scan needs."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_ND, positions_T, segment_ids_BT):
+    return Block(self.cfg, name="block")(x_ND, positions_T, segment_ids_BT), None
+
+
+def _remat(module_cls, cfg: ModelConfig):
+  if cfg.remat == "none":
+    return module_cls
+  # "dots" keeps matmul outputs and recomputes the cheap elementwise work in the backward pass.
+  policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if cfg.remat == "dots"
+            else None)
+  return nn.remat(module_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+
+
+class Transformer(nn.Module):
+  """tokens (B, T) int -> logits (B, T, V) f32."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT, segment_ids_BT=None):
+    cfg = self.cfg
+    B, T = tokens_BT.shape
+    D, V = cfg.d_model, cfg.vocab_size
+    require(T <= cfg.max_len, f"sequence length {T} exceeds model.max_len={cfg.max_len}; "
+            "raise model.max_len or shorten the data's sequences.")
+    # Embeddings ~ N(0, 1/D): unit-norm rows, so tied logits start at unit scale.
+    embedding = self.param("embedding", nn.with_logical_partitioning(_fan_in_init(D),
+                                                                     ("vocab", "embed")),
+                           (V, D), jnp.float32)
+    x_ND = jnp.take(embedding, tokens_BT.reshape(-1), axis=0)
+    positions_T = jnp.arange(T)
+    if cfg.position == "learned":
+      pos = self.param("pos_embedding", nn.with_logical_partitioning(_fan_in_init(D),
+                                                                     ("length", "embed")),
+                       (cfg.max_len, D), jnp.float32)
+      x_ND = (x_ND.reshape(B, T, D) + pos[None, :T]).reshape(B * T, D)
+    elif cfg.position == "sinusoidal":
+      # Scaled by 1/sqrt(D) to match the token embedding's per-coordinate scale: the same
+      # balance as the original transformer's sqrt(D) * embedding, up to a global factor.
+      table = sinusoidal_table(T, D) / math.sqrt(D)
+      x_ND = (x_ND.reshape(B, T, D) + table[None]).reshape(B * T, D)
+    x_ND = nn.with_logical_constraint(x_ND, ("batch", "act_embed"))
+
+    if cfg.scan_layers:
+      stack = nn.scan(_remat(ScanBlock, cfg), variable_axes={"params": 0},
+                      split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast),
+                      length=cfg.n_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_ND, _ = stack(cfg, name="layers")(x_ND, positions_T, segment_ids_BT)
+    else:
+      block_cls = _remat(Block, cfg)
+      for i in range(cfg.n_layers):
+        x_ND = block_cls(cfg, name=f"layer_{i}")(x_ND, positions_T, segment_ids_BT)
+
+    if cfg.norm_position == "pre":  # post-norm blocks already end normalised
+      x_ND = Norm(cfg.norm, cfg.norm_eps, name="final_norm")(x_ND)
+    if cfg.tie_embeddings:
+      logits_NV = _dot(x_ND, embedding, ((1,), (1,)), cfg.compute_dtype)
+    else:
+      w_head = self.param("w_head", nn.with_logical_partitioning(_fan_in_init(D),
+                                                                 ("embed", "vocab")),
+                          (D, V), jnp.float32)
+      logits_NV = _dot(x_ND, w_head, ((1,), (0,)), cfg.compute_dtype)
+    logits_NV = nn.with_logical_constraint(logits_NV, ("batch", "act_vocab"))
+    return logits_NV.reshape(B, T, V)
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int | None = None):
+  """Boxed (logically partitioned) parameters. Use flax.linen.meta.unbox for raw arrays."""
+  tokens = jnp.zeros((batch, seq_len or cfg.max_len), jnp.int32)
+  return Transformer(cfg).init(rng, tokens)["params"]

@@ -1,0 +1,33 @@
+"""lmjax: a JAX/Flax codebase for studying how language models scale."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmjax",
+    version="0.1.0",
+    description="Train transformer ladders, fit scaling laws with honest uncertainty.",
+    packages=find_packages(include=["lmjax", "lmjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        # Versions tested together; the upper bounds keep fast-moving APIs from breaking us.
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-datasets>=4.9.10,<5",
+        "grain>=0.2.18,<0.3",
+        "absl-py>=2.1",
+        "ml_collections>=1.1",
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "matplotlib>=3.8",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The PyTorch reference model of benchmarks/train_throughput.py (CPU build).
+        "bench": ["torch==2.13.0"],
+        # tfds.load / tf.data paths; lmjax itself never needs TensorFlow.
+        "tf": ["tensorflow"],
+    },
+)

@@ -1,0 +1,177 @@
+"""The transformer against an independent numpy reference, plus its invariants."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import flops
+from lmjax.errors import ConfigError
+from lmjax.model import ModelConfig, Transformer, init_params
+from tests import reference_transformer
+
+BASE = dict(vocab_size=61, d_model=48, n_layers=2, n_heads=4, max_len=12)
+
+# Together these cover every option: positions, MLPs, norms, placements, QK-norm,
+# grouped-query and multi-query heads, explicit head size, tied and untied heads.
+REFERENCE_CONFIGS = {
+    "learned_gelu_layernorm_pre": dict(),
+    "sinusoidal_relu_rmsnorm_post": dict(position="sinusoidal", mlp="relu", norm="rmsnorm",
+                                         norm_position="post"),
+    "rope_swiglu_gqa_qknorm_untied": dict(position="rope", mlp="swiglu", norm="rmsnorm",
+                                          n_kv_heads=2, qk_norm=True, tie_embeddings=False),
+    "rope_mqa_layernorm_post_qknorm": dict(position="rope", n_kv_heads=1, norm_position="post",
+                                           qk_norm=True, n_layers=3),
+    "learned_dhead_untied_swiglu": dict(d_head=16, d_ff=40, mlp="swiglu", tie_embeddings=False),
+}
+
+
+def _cfg(**overrides):
+  return ModelConfig(**{**BASE, **overrides})
+
+
+def _params(cfg, seed=0):
+  return nn.meta.unbox(init_params(cfg, jax.random.key(seed), 1, cfg.max_len))
+
+
+def _logits(cfg, params, tokens, **kw):
+  return np.asarray(Transformer(cfg).apply({"params": params}, jnp.asarray(tokens), **kw))
+
+
+def _tokens(cfg, batch=2, seed=1):
+  return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, cfg.max_len))
+
+
+def _ref_cfg(cfg):
+  d = dataclasses.asdict(cfg)
+  d.update(n_kv_heads=cfg.kv_heads, d_head=cfg.head_dim)
+  return d
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_CONFIGS))
+def test_logits_match_numpy_reference(name):
+  cfg = _cfg(**REFERENCE_CONFIGS[name])
+  params, tokens = _params(cfg), _tokens(cfg)
+  ours = _logits(cfg, params, tokens)
+  ref = reference_transformer.forward(params, tokens, _ref_cfg(cfg))
+  assert ours.shape == (2, cfg.max_len, cfg.vocab_size)
+  scale = np.abs(ref).max()
+  assert scale > 0.1, "degenerate logits would make the comparison vacuous"
+  np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_fused_attention_matches_einsum_attention():
+  cfg = _cfg(position="rope", n_kv_heads=2)
+  fused = dataclasses.replace(cfg, attention="dot_product_attention")
+  params, tokens = _params(cfg), _tokens(cfg)
+  np.testing.assert_allclose(_logits(fused, params, tokens), _logits(cfg, params, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("position", ["sinusoidal", "learned", "rope"])
+def test_causality(position):
+  cfg = _cfg(position=position)
+  params, tokens = _params(cfg), _tokens(cfg, batch=1)
+  base = _logits(cfg, params, tokens)
+  rng = np.random.default_rng(7)
+  for t in range(cfg.max_len - 1):
+    changed = tokens.copy()
+    changed[:, t + 1:] = rng.integers(0, cfg.vocab_size, changed[:, t + 1:].shape)
+    after = _logits(cfg, params, changed)
+    np.testing.assert_allclose(after[:, :t + 1], base[:, :t + 1], rtol=0, atol=1e-6)
+    if (changed[:, t + 1] != tokens[:, t + 1]).any():
+      assert np.abs(after[:, t + 1] - base[:, t + 1]).max() > 1e-4  # later positions do see it
+
+
+def test_segment_ids_block_attention_across_documents():
+  cfg = _cfg(position="rope")
+  params, tokens = _params(cfg), _tokens(cfg, batch=1)
+  seg = np.zeros_like(tokens)
+  seg[:, 5:] = 1  # two packed documents
+  base = _logits(cfg, params, tokens, segment_ids_BT=jnp.asarray(seg))
+  changed = tokens.copy()
+  changed[:, :5] = (changed[:, :5] + 1) % cfg.vocab_size  # rewrite document 0 only
+  after = _logits(cfg, params, changed, segment_ids_BT=jnp.asarray(seg))
+  np.testing.assert_allclose(after[:, 5:], base[:, 5:], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(position="rope", mlp="swiglu", qk_norm=True,
+                                                     norm_position="post", remat="full")])
+def test_scanned_equals_unrolled(overrides):
+  cfg = _cfg(n_layers=3, **overrides)
+  scanned_cfg = dataclasses.replace(cfg, scan_layers=True)
+  params, tokens = _params(cfg), _tokens(cfg)
+  layers = [params.pop(f"layer_{i}") for i in range(cfg.n_layers)]
+  stacked = dict(params, layers={"block": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)})
+  params.update({f"layer_{i}": p for i, p in enumerate(layers)})
+  np.testing.assert_allclose(_logits(scanned_cfg, stacked, tokens), _logits(cfg, params, tokens),
+                             rtol=1e-5, atol=1e-5)
+  # And the scanned init has exactly that layout, with a leading "layers" logical axis.
+  boxed = init_params(scanned_cfg, jax.random.key(0), 1, cfg.max_len)
+  assert jax.tree.map(jnp.shape, nn.meta.unbox(boxed)) == jax.tree.map(jnp.shape, stacked)
+  w_q = boxed["layers"]["block"]["attn"]["w_q"]
+  assert w_q.names == ("layers", "embed", "heads", "kv")
+
+
+def test_bf16_compute_close_to_f32():
+  # Stated tolerance: bf16 matmul inputs (8-bit mantissa) with f32 accumulation keep the
+  # logits within 3 % relative RMS error of the f32 model for this small model.
+  cfg = _cfg(position="rope", mlp="swiglu")
+  params, tokens = _params(cfg), _tokens(cfg)
+  f32 = _logits(cfg, params, tokens)
+  bf16 = _logits(dataclasses.replace(cfg, dtype="bfloat16"), params, tokens)
+  assert bf16.dtype == np.float32  # logits come back in f32 for the loss
+  rel = np.sqrt(np.mean((bf16 - f32) ** 2) / np.mean(f32 ** 2))
+  assert 0 < rel < 0.03, rel
+
+
+def test_every_parameter_has_logical_axes():
+  cfg = _cfg(position="learned", tie_embeddings=False, qk_norm=True, mlp="swiglu")
+  boxed = init_params(cfg, jax.random.key(0), 1, cfg.max_len)
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  known = {"vocab", "embed", "heads", "kv", "mlp", "length", "layers"}
+  for leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned)
+    assert len(leaf.names) == leaf.value.ndim and set(leaf.names) <= known, leaf.names
+
+
+def test_residual_output_projections_scaled_with_depth():
+  cfg = _cfg(n_layers=8, d_model=128, vocab_size=512)
+  p = _params(cfg)["layer_0"]
+  depth = 1 / np.sqrt(2 * cfg.n_layers)
+  np.testing.assert_allclose(np.std(p["attn"]["w_o"]), depth / np.sqrt(cfg.d_model), rtol=0.05)
+  np.testing.assert_allclose(np.std(p["mlp"]["w_down"]), depth / np.sqrt(cfg.ff_dim), rtol=0.05)
+  np.testing.assert_allclose(np.std(p["mlp"]["w_up"]), 1 / np.sqrt(cfg.d_model), rtol=0.05)
+
+
+BAD_CONFIGS = [
+    (dict(d_model=50, n_heads=4), "not divisible by model.n_heads"),
+    (dict(n_kv_heads=3), "does not divide model.n_heads"),
+    (dict(position="rope", d_model=36, n_heads=4), "even head size"),
+    (dict(position="alibi"), "model.position"),
+    (dict(mlp="geglu"), "model.mlp"),
+    (dict(norm="batchnorm"), "model.norm"),
+    (dict(norm_position="sandwich"), "model.norm_position"),
+    (dict(dtype="float16"), "model.dtype"),
+    (dict(d_model=0), "model.d_model"),
+    (dict(n_layers=-2), "model.n_layers"),
+    (dict(vocab_size=0), "model.vocab_size"),
+    (dict(d_ff=-1), "model.d_ff"),
+    (dict(n_heads=2.5), "model.n_heads"),
+]
+
+
+@pytest.mark.parametrize("overrides,fragment", BAD_CONFIGS)
+def test_bad_config_fails_with_one_clear_line(overrides, fragment):
+  with pytest.raises(ConfigError) as err:
+    _cfg(**overrides)
+  msg = str(err.value)
+  assert fragment in msg and "\n" not in msg, msg
+
+
+def test_sequence_longer_than_max_len_is_rejected():
+  cfg = _cfg()
+  with pytest.raises(ConfigError, match="max_len"):
+    init_params(cfg, jax.random.key(0), 1, cfg.max_len + 1)
