@@ -257,7 +257,7 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
           record["tokens_per_s"] = tps
           record["mfu"] = tps * hw_flops_per_token / peak
         if is_eval:
-          record.update(_eval_record(trainer.evaluate(state["params"], eval_set), pipeline))
+          record.update(_eval_record(trainer.evaluate(state["params"], eval_set), eval_local))
           last["eval_loss"] = record["eval_loss"]
         writer.write(record)
         progress.update(record)
@@ -283,9 +283,9 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
   return summary
 
 
-def _eval_record(eval_loss: float, pipeline) -> dict:
+def _eval_record(eval_loss: float, eval_local) -> dict:
   rec = {"eval_loss": eval_loss, "eval_bits_per_token": eval_loss / math.log(2)}
-  bytes_per_token = getattr(pipeline, "bytes_per_token", None)
+  bytes_per_token = getattr(eval_local, "bytes_per_token", None)  # exact for the eval set
   if bytes_per_token:
     rec["eval_bits_per_byte"] = eval_loss / math.log(2) / bytes_per_token
   return rec
