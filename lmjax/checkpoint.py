@@ -354,7 +354,8 @@ class Checkpointer:
 
   # -- saving ---------------------------------------------------------------
 
-  def _due(self, step: int) -> bool:
+  def due(self, step: int) -> bool:
+    """Whether a save is due at `step` (every_steps or every_seconds); cheap, no I/O."""
     due = bool(self.cfg.every_steps and step > 0 and step % self.cfg.every_steps == 0)
     if self.cfg.every_seconds is not None:
       timed = time.monotonic() - self._last_save_time >= self.cfg.every_seconds
@@ -385,7 +386,7 @@ class Checkpointer:
     step = int(step)
     # Called every step by the training loop: decide first, validate only
     # when actually saving.
-    if not (force or final or self._due(step)):
+    if not (force or final or self.due(step)):
       return False
     extras = {} if extras is None else extras
     require(isinstance(extras, dict), "checkpoint extras must be a dict; wrap the "

@@ -35,6 +35,7 @@ from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.model import Transformer
 from lmjax.optim import accumulate_gradients, make_optimizer, make_schedule
+from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
 State = dict  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key data}
 
@@ -175,8 +176,13 @@ def _check_workdir_config(cfg: Config, workdir: str) -> None:
 
 
 def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
-          on_step: Callable[[int, dict], None] | None = None) -> dict:
-  """Trains (or resumes) the run in `workdir`; returns its summary. Effects live here."""
+          on_step: Callable[[int, dict], None] | None = None,
+          stop: StopFlag | None = None) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns its summary. Effects live here.
+
+  If `stop` becomes true (a signal handler sets it), the loop checkpoints after the
+  current step and raises Preempted; running again resumes from that step.
+  """
   t_start = time.time()
   mesh = mesh or sharding.make_mesh(cfg.mesh)
   is_main = jax.process_index() == 0
@@ -264,8 +270,11 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
         interval_start, interval_steps = time.time(), 0
         if on_step:
           on_step(done, record)
-      checkpointer.save(done, state, {"data": pipeline.get_state(), "config": cfg_dict},
-                        final=done == total)
+      if done == total or stop or checkpointer.due(done):  # save() itself costs ms: ask first
+        extras = {"data": pipeline.get_state(), "config": cfg_dict}
+        checkpointer.save(done, state, extras, force=bool(stop), final=done == total)
+        if stop and done < total:
+          raise Preempted(done, stop.signum)
   finally:  # an interrupted run still finishes its async save and closes its files
     checkpointer.wait()
     checkpointer.close()
@@ -307,7 +316,12 @@ def main(argv):
   require(flags_.workdir, "--workdir is required: the directory for checkpoints and metrics.",
           ConfigError)
   cfg = config_lib.from_dict(Config, flags_.config)
-  summary = train(cfg, flags_.workdir)
+  with handle_signals(StopFlag()) as stop:
+    try:
+      summary = train(cfg, flags_.workdir, stop=stop)
+    except Preempted as e:
+      print(f"lmjax: {e}", file=sys.stderr)
+      sys.exit(EXIT_REQUEUE)
   print(json.dumps(summary))
 
 

@@ -1,0 +1,28 @@
+"""The main job: an IsoFLOP sweep on the embedded synthetic language, sized for a 2-core CPU.
+
+  python -m lmjax.sweep --config=experiments/configs/sweeps/cpu_default.py --workdir=runs/default
+
+4 compute budgets x 4 model sizes; the largest budget is held out of the fit and predicted.
+"""
+from lmjax import config as config_lib
+from lmjax.scaling.plan import SweepConfig
+
+
+def get_config():
+  c = config_lib.to_config_dict(SweepConfig())
+  c.budgets = (3e10, 6e10, 1.2e11, 2.4e11)
+  c.sizes_per_budget = 4
+  c.size_span = 8.0
+  c.tokens_per_param = 20.0
+  c.head_dim = 16
+  c.aspect_ratio = 32.0
+  c.lr_base = 1e-2
+  c.lr_base_width = 64
+  c.evals_per_run = 8
+  c.holdout_budgets = 1
+  c.bootstrap = 1000
+  c.base.model.update(vocab_size=256, position="rope", norm="rmsnorm", mlp="gelu", max_len=64)
+  c.base.train.update(global_batch=16, seq_len=64, log_every=25, steps=1)
+  c.base.data.update(eval_batches=8)
+  c.base.checkpoint.update(every_steps=100, keep=1)
+  return c

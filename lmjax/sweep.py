@@ -1,0 +1,223 @@
+"""Run a scaling sweep end to end: plan -> train (resumably) -> fit -> plot.
+
+  python -m lmjax.sweep --config=experiments/configs/sweeps/cpu_default.py --workdir=DIR
+
+DIR/manifest.sqlite records every run; DIR/runs/<id>/ holds each run's checkpoints and
+metrics; DIR/fit/ gets report.json, report.md and the plots. Running the same command again
+skips finished runs, resumes interrupted ones from their checkpoints and retries failed ones
+up to sweep.max_attempts. SIGTERM / SIGINT checkpoint the runs in flight and exit with
+status 75 (requeue). `--worker` processes (sweep.workers > 0) drain the same manifest.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from absl import flags, logging
+
+from lmjax import config as config_lib
+from lmjax.config import Config
+from lmjax.errors import ConfigError, DataError, UserError, require
+from lmjax.metrics import read_metrics
+from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
+from lmjax.scaling import manifest as manifest_lib
+from lmjax.scaling.plan import SweepConfig, plan
+
+SWEEP_JSON = "sweep.json"
+
+
+def enable_compilation_cache(path: str) -> None:
+  """Persistent XLA cache: runs of the same shape (and re-runs of a sweep) skip compiling.
+  CPU programs compile fast, so the default time threshold would ignore them all."""
+  if not path:
+    return
+  import jax
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def run_one(row: dict, workdir: str, stop: StopFlag | None) -> dict:
+  """Trains one planned run (resuming if it has a checkpoint); returns manifest results."""
+  from lmjax.train import train  # jax is imported only by processes that train
+  cfg = config_lib.from_dict(Config, json.loads(row["config"]))
+  run_dir = os.path.join(workdir, "runs", row["id"])
+  summary = train(cfg, run_dir, stop=stop)
+  evals = [r["eval_loss"] for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
+  return {"achieved_flops": summary["flops"], "tokens": summary["tokens"],
+          "final_eval_loss": summary["final_eval_loss"],
+          "best_eval_loss": min(evals) if evals else None, "wall_s": summary["wall_s"],
+          "compile_s": summary["compile_s"],
+          "metrics_path": os.path.join(run_dir, "metrics.jsonl")}
+
+
+def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, workdir: str,
+          stop: StopFlag) -> None:
+  """Claims and trains runs until none is left (or a stop is requested)."""
+  while not stop:
+    row = manifest.claim(ids, max_attempts=sweep.max_attempts,
+                         stale_after_s=sweep.stale_after_s)
+    if row is None:
+      return
+    rid = row["id"]
+    logging.info("run %s (budget %.3g, N %d): attempt %d", rid, row["budget"], row["n_params"],
+                 row["attempts"])
+    _say(f"[{_progress(manifest, ids)}] training {rid}: budget {row['budget']:.3g} FLOPs, "
+         f"N={row['n_params']:,}, D={row['planned_tokens']:,.0f} tokens")
+    try:
+      results = run_one(row, workdir, stop)
+    except Preempted:
+      manifest.release(rid)
+      raise
+    except (Exception, MemoryError) as e:  # noqa: BLE001 - one run's crash must not end the sweep
+      reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+      logging.error("run %s failed: %s\n%s", rid, reason, traceback.format_exc())
+      _say(f"run {rid} failed (attempt {row['attempts']}/{sweep.max_attempts}): {reason}")
+      manifest.finish(rid, status="failed", reason=reason)
+      continue
+    loss = results["final_eval_loss"]
+    if loss is None or not math.isfinite(loss):
+      manifest.finish(rid, status="diverged", reason=f"final eval loss {loss}", **results)
+    else:
+      manifest.finish(rid, status="done", **results)
+      _say(f"run {rid} done: eval loss {loss:.4f} in {results['wall_s']:.1f}s "
+           f"(compile {results['compile_s'] or 0:.1f}s)")
+
+
+def _progress(manifest, ids) -> str:
+  c = manifest.counts(ids)
+  return f"{c['done']}/{len(ids)} done"
+
+
+def _say(message: str) -> None:
+  print(f"lmjax.sweep: {message}", file=sys.stderr, flush=True)
+
+
+def _spawn_workers(sweep: SweepConfig, workdir: str, stop: StopFlag) -> None:
+  cmd = [sys.executable, "-m", "lmjax.sweep", "--worker", f"--workdir={workdir}"]
+  procs = [subprocess.Popen(cmd) for _ in range(sweep.workers)]
+  forwarded = False
+  while any(p.poll() is None for p in procs):
+    if stop and not forwarded:
+      for p in procs:
+        if p.poll() is None:
+          p.send_signal(stop.signum or 15)
+      forwarded = True
+    time.sleep(0.2)
+  if stop:
+    raise Preempted(-1, stop.signum)
+
+
+def fit_sweep(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig,
+              out_dir: str) -> dict:
+  from lmjax.scaling import fit as fit_lib
+  from lmjax.scaling import plot as plot_lib
+  from lmjax.scaling.table import RunsTable
+  rows = manifest.rows(ids)
+  records = [r for r in map(manifest_lib.run_record, rows) if r is not None]
+  require(records, "no run of the sweep finished, so there is nothing to fit; see the "
+          "manifest's reasons (status failed/diverged) and fix the sweep config.", DataError)
+  table = RunsTable.from_records(records)
+  report = fit_lib.fit_all(table, n_boot=sweep.bootstrap, seed=sweep.fit_seed,
+                           holdout_budgets=sweep.holdout_budgets)
+  report["sweep"] = {
+      "runs": {s: n for s, n in manifest.counts(ids).items() if n},
+      "failed": [{"id": r["id"], "status": r["status"], "reason": r["reason"]} for r in rows
+                 if r["status"] in ("failed", "diverged")],
+      "train_wall_s": sum(r["wall_s"] or 0 for r in rows),
+      "compile_s": sum(r["compile_s"] or 0 for r in rows),
+  }
+  _add_known_floor(report, sweep)
+  fit_lib.write_report(report, out_dir)
+  plot_lib.plot_all(table, report, out_dir)
+  return report
+
+
+def _add_known_floor(report: dict, sweep: SweepConfig) -> None:
+  """For synthetic data the irreducible loss is known exactly: put it beside the fitted E."""
+  from lmjax.data.pipeline import entropy_floor
+  floor = entropy_floor(sweep.base.data, sweep.base.train.seq_len)
+  if floor is not None:
+    report["true_entropy_floor"] = floor
+
+
+def main(argv) -> None:
+  require(len(argv) == 1, f"unexpected arguments {argv[1:]}; use --flag=value.", ConfigError)
+  workdir = flags.FLAGS.workdir
+  require(workdir, "--workdir is required: the sweep's directory (manifest, runs, fit).",
+          ConfigError)
+  saved_path = os.path.join(workdir, SWEEP_JSON)
+  if flags.FLAGS.worker:
+    require(os.path.exists(saved_path), f"--worker needs {saved_path}; start the sweep "
+            "without --worker first.", ConfigError)
+    with open(saved_path) as f:
+      sweep = config_lib.from_dict(SweepConfig, json.load(f))
+  else:
+    require(flags.FLAGS.config is not None, "--config is required, e.g. "
+            "--config=experiments/configs/sweeps/cpu_default.py", ConfigError)
+    sweep = config_lib.from_dict(SweepConfig, flags.FLAGS.config)
+  runs = plan(sweep)
+  ids = [r.id for r in runs]
+  os.makedirs(workdir, exist_ok=True)
+  manifest = manifest_lib.Manifest(os.path.join(workdir, "manifest.sqlite"))
+  if not flags.FLAGS.worker:
+    config_lib.save(sweep, saved_path)
+    new = manifest.add(runs)
+    counts = manifest.counts(ids)
+    _say(f"{len(runs)} runs planned ({new} new; {counts['done']} already done) in {workdir}")
+  enable_compilation_cache(sweep.compilation_cache)
+  started = time.time()
+  with handle_signals(StopFlag()) as stop:
+    try:
+      if sweep.workers and not flags.FLAGS.worker:
+        _spawn_workers(sweep, workdir, stop)
+      else:
+        drain(manifest, ids, sweep, workdir, stop)
+      if stop:
+        raise Preempted(-1, stop.signum)
+    except Preempted as e:
+      _say(f"interrupted ({e}); rerun the same command to continue.")
+      sys.exit(EXIT_REQUEUE)
+  if flags.FLAGS.worker:
+    return
+  counts = manifest.counts(ids)
+  _say(f"training finished in {time.time() - started:.0f}s: "
+       + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+  if flags.FLAGS.skip_fit:
+    return
+  out_dir = os.path.join(workdir, "fit")
+  report = fit_sweep(manifest, ids, sweep, out_dir)
+  _say(f"fit written to {out_dir}/report.md")
+  print(_headline(report))
+
+
+def _headline(report: dict) -> str:
+  lines = []
+  lvc = report.get("loss_vs_compute", {})
+  ex = (lvc.get("extrapolation") or {}) if isinstance(lvc, dict) else {}
+  if ex.get("status") == "ok" or "max_abs_rel_error" in ex:
+    lines.append(f"extrapolation to held-out budget(s): {json.dumps(ex, default=str)[:400]}")
+  a3 = report.get("approach3", {})
+  if isinstance(a3, dict) and "params" in a3:
+    p = a3["params"]
+    lines.append("approach 3: " + ", ".join(
+        f"{k}={p[k]['value']:.4g}" for k in ("E", "A", "B", "alpha", "beta", "a") if k in p))
+  if "true_entropy_floor" in report:
+    lines.append(f"true entropy floor of the data: {report['true_entropy_floor']:.4f} nats/token")
+  return "\n".join(lines)
+
+
+def cli():
+  flags.DEFINE_bool("worker", False, "Drain the manifest of an already started sweep.")
+  flags.DEFINE_bool("skip_fit", False, "Train only; fit later with python -m lmjax.fit.")
+  from lmjax.cli import run_main
+  run_main(main, workdir=True)
+
+
+if __name__ == "__main__":
+  cli()
