@@ -54,6 +54,37 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GuardConfig:
+  """Bad updates are skipped inside the step; persistent trouble rolls back (docs/reliability.md).
+
+  A step is bad if its loss or gradient norm is not finite, if its loss is worse than
+  `max_loss_factor` times uniform guessing (log V: a diverged model), if its loss exceeds the
+  exponential moving mean of recent good losses by more than `spike_k` standard deviations
+  (after `spike_window` good steps), or if it is in the workdir's skip list. Bad steps consume
+  their batch but leave parameters and optimizer state unchanged.
+  """
+  skip_nonfinite: bool = True
+  max_loss_factor: float = 2.0       # a loss above this x log(vocab) (uniform guessing) is bad; 0: off
+  spike_k: float = 6.0               # 0 disables spike detection
+  spike_window: int = 50             # EMA span of the loss statistics (steps)
+  max_consecutive_bad: int = 10      # K: roll back to the last healthy checkpoint (0: never)
+  max_rollbacks: int = 3             # R: after this many rollbacks the run stops as diverged
+  rollback_lr_factor: float = 0.5    # peak learning rate multiplier at each rollback
+
+  def __post_init__(self):
+    require(isinstance(self.skip_nonfinite, bool),
+            f"guard.skip_nonfinite={self.skip_nonfinite!r} must be true or false.")
+    check_positive("guard.spike_k", self.spike_k, allow_zero=True)
+    check_positive("guard.max_loss_factor", self.max_loss_factor, allow_zero=True)
+    check_positive("guard.spike_window", self.spike_window)
+    check_positive("guard.max_consecutive_bad", self.max_consecutive_bad, allow_zero=True)
+    check_positive("guard.max_rollbacks", self.max_rollbacks, allow_zero=True)
+    check_positive("guard.rollback_lr_factor", self.rollback_lr_factor)
+    require(self.rollback_lr_factor <= 1,
+            f"guard.rollback_lr_factor={self.rollback_lr_factor} must be <= 1 (a reduction).")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   data: DataConfig = DataConfig()
@@ -61,6 +92,7 @@ class Config:
   mesh: MeshConfig = MeshConfig()
   train: TrainConfig = TrainConfig(steps=100)
   checkpoint: CheckpointConfig = CheckpointConfig()
+  guard: GuardConfig = GuardConfig()
   name: str = ""                  # free text, e.g. the sweep's run id
 
   def __post_init__(self):

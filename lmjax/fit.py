@@ -5,8 +5,9 @@
       --holdout_budgets=1 --target_flops=1e23]
 
 --runs takes a CSV (two of N, D, C plus loss; optional budget and id columns), a JSON
-list of run records (keys id, N, D, C, budget, loss, optional curve), or a sweep
-manifest (.sqlite) when lmjax.sweep_manifest is available.
+list of run records (keys id, N, D, C, budget, loss, optional curve), or the
+manifest.sqlite of a sweep (python -m lmjax.sweep): its finished runs, with their eval
+curves where the metrics files are still there.
 """
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ def main(argv) -> None:
   # Imported here so that --help and flag errors stay fast.
   from lmjax.scaling import fit as fit_lib
   from lmjax.scaling import plot as plot_lib
+  from lmjax.scaling import report as report_lib
   from lmjax.scaling import table as table_lib
 
   approaches = _parse_approaches(_APPROACHES.value)
@@ -69,7 +71,7 @@ def main(argv) -> None:
   report = fit_lib.fit_all(table, approaches=approaches, n_boot=_BOOTSTRAP.value,
                            seed=_SEED.value, holdout_budgets=_HOLDOUT.value,
                            target_flops=_TARGET.value)
-  paths = list(fit_lib.write_report(report, _OUT.value))
+  paths = list(report_lib.write_report(report, _OUT.value))
   if _PLOTS.value:
     paths += plot_lib.plot_all(table, report, _OUT.value)
   print(f"wrote {len(paths)} files to {_OUT.value}")

@@ -31,18 +31,28 @@ class MetricsWriter:
     if not enabled:
       return
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):
-      kept = [r for r in read_metrics(workdir) if r["step"] <= truncate_after_step]
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-      os.replace(tmp, self.path)
-    self._file = open(self.path, "a")
+    self.workdir = workdir
+    self._file = None
+    self.truncate(truncate_after_step)
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
     except ImportError:
       logging.warning("tensorboardX is not installed: no TensorBoard events are written.")
+
+  def truncate(self, step: int) -> None:
+    """Drops records after `step` (they are about to be recomputed: resume or rollback)."""
+    if not self.enabled:
+      return
+    if self._file is not None:
+      self._file.close()
+    if os.path.exists(self.path):
+      kept = [r for r in read_metrics(self.workdir) if r["step"] <= step]
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.path)
+    self._file = open(self.path, "a")
 
   def write(self, record: dict) -> None:
     if not self.enabled:

@@ -152,24 +152,29 @@ def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
             f"at step {decay_start} (decay_frac={cfg.decay_frac}); lower "
             "warmup_steps or decay_frac.")
 
-  def schedule(count):
-    t = jnp.asarray(count, jnp.float32)
-    if cfg.schedule == "constant":
-      after = jnp.asarray(peak, jnp.float32)
-    elif cfg.schedule in ("cosine", "linear"):
-      # max(.., 1) keeps warmup_steps == total_steps from dividing by zero.
-      p = jnp.clip((t - warmup) / max(total - warmup, 1), 0.0, 1.0)
-      shape = (0.5 * (1.0 + jnp.cos(jnp.pi * p)) if cfg.schedule == "cosine"
-               else 1.0 - p)
-      after = peak * (f + (1.0 - f) * shape)
-    else:  # wsd
-      q = jnp.clip((t - decay_start) / decay_steps, 0.0, 1.0)
-      after = peak * (f + (1.0 - f) * (1.0 - jnp.sqrt(q)))
-    if warmup == 0:
-      return after
-    return jnp.where(t < warmup, peak * t / warmup, after)
+  return lambda count: schedule_value(cfg, count, total, warmup, peak)
 
-  return schedule
+
+def schedule_value(cfg: OptimConfig, count: Any, total_steps: Any, warmup_steps: Any,
+                   peak_lr: Any) -> jax.Array:
+  """lr at optimizer step `count`. Run length, warmup and peak may be traced arrays, so one
+  compiled train step serves every run of the same shape (sweeps vary only these)."""
+  t = jnp.asarray(count, jnp.float32)
+  total = jnp.asarray(total_steps, jnp.float32)
+  warmup = jnp.asarray(warmup_steps, jnp.float32)
+  peak, f = jnp.asarray(peak_lr, jnp.float32), float(cfg.final_lr_frac)
+  if cfg.schedule == "constant":
+    after = peak
+  elif cfg.schedule in ("cosine", "linear"):
+    # max(.., 1) keeps warmup_steps == total_steps from dividing by zero.
+    p = jnp.clip((t - warmup) / jnp.maximum(total - warmup, 1.0), 0.0, 1.0)
+    shape = (0.5 * (1.0 + jnp.cos(jnp.pi * p)) if cfg.schedule == "cosine" else 1.0 - p)
+    after = peak * (f + (1.0 - f) * shape)
+  else:  # wsd
+    decay_steps = jnp.maximum(1.0, jnp.round(cfg.decay_frac * total))
+    q = jnp.clip((t - (total - decay_steps)) / decay_steps, 0.0, 1.0)
+    after = peak * (f + (1.0 - f) * (1.0 - jnp.sqrt(q)))
+  return jnp.where(t < warmup, peak * t / jnp.maximum(warmup, 1.0), after)
 
 
 def _key_name(key: Any) -> str:
@@ -226,12 +231,14 @@ def decay_mask(params: Any, cfg: OptimConfig | None = None) -> Any:
   return jax.tree_util.tree_map_with_path(leaf_mask, params, is_leaf=_is_box)
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int,
-                   params_or_abstract_params: Any) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_steps: int, params_or_abstract_params: Any, *,
+                   scale_by_lr: bool = True) -> optax.GradientTransformation:
   """AdamW with the configured schedule, clipping and weight-decay mask.
 
   `params_or_abstract_params` is only used to build the decay mask (names and
   ranks), so `jax.eval_shape` output is enough; boxed trees are fine.
+  scale_by_lr=False leaves out the final `-lr(step) *` so the caller can apply a learning
+  rate computed from traced hyperparameters (see schedule_value); the math is the same.
   """
   schedule = make_schedule(cfg, total_steps)
   parts = []
@@ -241,7 +248,8 @@ def make_optimizer(cfg: OptimConfig, total_steps: int,
   if cfg.weight_decay > 0:
     parts.append(optax.add_decayed_weights(
         cfg.weight_decay, mask=decay_mask(params_or_abstract_params, cfg)))
-  parts.append(optax.scale_by_learning_rate(schedule))
+  if scale_by_lr:
+    parts.append(optax.scale_by_learning_rate(schedule))
   return optax.chain(*parts)
 
 

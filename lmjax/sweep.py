@@ -69,11 +69,16 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
                  row["attempts"])
     _say(f"[{_progress(manifest, ids)}] training {rid}: budget {row['budget']:.3g} FLOPs, "
          f"N={row['n_params']:,}, D={row['planned_tokens']:,.0f} tokens")
+    from lmjax.train import Diverged  # imports jax: only processes that train get here
     try:
       results = run_one(row, workdir, stop)
     except Preempted:
       manifest.release(rid)
       raise
+    except Diverged as e:  # not retried: the same config would diverge again
+      _say(f"run {rid} diverged: {e}")
+      manifest.finish(rid, status="diverged", reason=str(e))
+      continue
     except (Exception, MemoryError) as e:  # noqa: BLE001 - one run's crash must not end the sweep
       reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
       logging.error("run %s failed: %s\n%s", rid, reason, traceback.format_exc())

@@ -34,7 +34,7 @@ from lmjax.data import pipeline as data_lib
 from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.model import Transformer
-from lmjax.optim import accumulate_gradients, make_optimizer, make_schedule
+from lmjax.optim import accumulate_gradients, make_optimizer, schedule_value
 from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
 State = dict  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key data}
@@ -64,25 +64,67 @@ def make_loss_fn(cfg: Config) -> Callable:
   return loss_fn
 
 
-def make_train_step(cfg: Config, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
-  grad_fn = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
+def make_train_step(cfg: Config, tx: optax.GradientTransformation) -> Callable:
+  """(state, batch, hparams) -> (state, metrics), with the guards of cfg.guard inside.
 
-  def train_step(state: State, batch: dict) -> tuple[State, dict]:
+  `tx` excludes the learning rate, which comes from `hparams` (total_steps, warmup_steps,
+  peak_lr as arrays): runs that differ only in those share one compiled program. A bad step
+  (non-finite loss or gradient, a loss spike, or hparams["skip"]) keeps the old parameters
+  and optimizer state; the verdict travels in the metrics, so no host sync is needed.
+  """
+  grad_fn = jax.value_and_grad(make_loss_fn(cfg), has_aux=True)
+  g = cfg.guard
+  ema = 2.0 / (g.spike_window + 1.0)
+
+  def train_step(state: State, batch: dict, hparams: dict) -> tuple[State, dict]:
     acc = accumulate_gradients(grad_fn, state["params"], batch, cfg.optim.grad_accum)
     updates, opt_state = tx.update(acc.grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    metrics = {
-        "loss": acc.aux["ce_sum"] / jnp.maximum(acc.num_tokens, 1.0),
-        "grad_norm": optax.global_norm(acc.grads),
-        "param_norm": optax.global_norm(params),
-        "lr": schedule(state["step"]),
-        "real_tokens": acc.num_tokens,
+    lr = schedule_value(cfg.optim, state["step"], hparams["total_steps"],
+                        hparams["warmup_steps"], hparams["peak_lr"])
+    params = jax.tree.map(lambda p, u: p - lr * u, state["params"], updates)
+    loss = acc.aux["ce_sum"] / jnp.maximum(acc.num_tokens, 1.0)
+    grad_norm = optax.global_norm(acc.grads)
+
+    guard = state["guard"]
+    nonfinite = ~(jnp.isfinite(acc.loss) & jnp.isfinite(grad_norm))
+    if not g.skip_nonfinite:
+      nonfinite = jnp.zeros((), bool)
+    std = jnp.sqrt(jnp.maximum(guard["var"], 0.0))
+    spike = ((guard["count"] >= g.spike_window) & (loss > guard["mean"] + g.spike_k * std)
+             if g.spike_k else jnp.zeros((), bool))
+    if g.max_loss_factor:  # worse than uniform guessing by this factor: the model has diverged
+      spike = spike | (loss > g.max_loss_factor * math.log(cfg.model.vocab_size))
+    bad = nonfinite | spike | hparams["skip"]
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+    params = keep_old(params, state["params"])
+    opt_state = keep_old(opt_state, state["opt_state"])
+    delta = loss - guard["mean"]
+    first = guard["count"] == 0
+    new_guard = {  # exponentially weighted mean/variance of good losses
+        "mean": jnp.where(bad, guard["mean"], jnp.where(first, loss, guard["mean"] + ema * delta)),
+        "var": jnp.where(bad | first, guard["var"], (1 - ema) * (guard["var"] + ema * delta ** 2)),
+        "count": guard["count"] + jnp.where(bad, 0, 1),
+        "bad_streak": jnp.where(bad, guard["bad_streak"] + 1, 0),
     }
-    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    metrics = {
+        "loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+        "lr": lr, "real_tokens": acc.num_tokens, "skipped": bad, "nonfinite": nonfinite,
+        "spike": spike, "bad_streak": new_guard["bad_streak"],
+    }
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
+                     guard=new_guard)
     return new_state, metrics
 
   return train_step
+
+
+def init_guard_state() -> dict:
+  return {"mean": jnp.zeros((), jnp.float32), "var": jnp.zeros((), jnp.float32),
+          "count": jnp.zeros((), jnp.int32), "bad_streak": jnp.zeros((), jnp.int32)}
+
+
+class Diverged(Exception):
+  """The run kept producing bad steps after the allowed rollbacks."""
 
 
 def make_eval_step(cfg: Config) -> Callable:
@@ -109,18 +151,22 @@ class Trainer:
             f"size {dp} (mesh data*fsdp) x optim.grad_accum={cfg.optim.grad_accum}; use a "
             f"multiple of {dp * cfg.optim.grad_accum}.", ConfigError)
     self.total_steps = cfg.total_steps()
-    self.schedule = make_schedule(cfg.optim, self.total_steps)
+    self.lr_scale = 1.0  # lowered by rollbacks
+    self._hparams = {"total_steps": np.int32(self.total_steps),
+                     "warmup_steps": np.int32(cfg.optim.warmup_steps)}
     model = Transformer(cfg.model)
 
     def init_boxed(rng):
       params_rng, rng = jax.random.split(rng)
       params = model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
       return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": self.tx.init(params), "rng": jax.random.key_data(rng)}
+              "opt_state": self.tx.init(params), "rng": jax.random.key_data(rng),
+              "guard": init_guard_state()}
 
     abstract_params = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
-    self.tx = make_optimizer(cfg.optim, self.total_steps, abstract_params["params"])
+    self.tx = make_optimizer(cfg.optim, self.total_steps, abstract_params["params"],
+                             scale_by_lr=False)
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     self.state_shardings = sharding.tree_shardings(boxed, mesh)
     self.abstract_state = jax.tree.map(
@@ -137,8 +183,9 @@ class Trainer:
           return fn(*args)
       return wrapped
 
-    self.train_step = jax.jit(with_rules(make_train_step(cfg, self.tx, self.schedule)),
-                              in_shardings=(self.state_shardings, batch_sh),
+    self.train_step = jax.jit(with_rules(make_train_step(cfg, self.tx)),
+                              in_shardings=(self.state_shardings, batch_sh,
+                                            sharding.replicated(mesh)),
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)),
                               donate_argnums=0)
     params_sh = self.state_shardings["params"]
@@ -149,9 +196,11 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._init(jax.random.key(self.cfg.train.seed if seed is None else seed))
 
-  def step(self, state: State, batch: dict) -> tuple[State, dict]:
+  def step(self, state: State, batch: dict, skip: bool = False) -> tuple[State, dict]:
+    hparams = dict(self._hparams, peak_lr=np.float32(self.cfg.optim.lr * self.lr_scale),
+                   skip=np.bool_(skip))
     with jax.set_mesh(self.mesh):
-      return self.train_step(state, batch)
+      return self.train_step(state, batch, hparams)
 
   def evaluate(self, params, batches: list[dict]) -> float:
     with jax.set_mesh(self.mesh):
@@ -181,7 +230,8 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
   """Trains (or resumes) the run in `workdir`; returns its summary. Effects live here.
 
   If `stop` becomes true (a signal handler sets it), the loop checkpoints after the
-  current step and raises Preempted; running again resumes from that step.
+  current step and raises Preempted; running again resumes from that step. Persistent bad
+  steps roll back to the last healthy checkpoint; too many rollbacks raise Diverged.
   """
   t_start = time.time()
   mesh = mesh or sharding.make_mesh(cfg.mesh)
@@ -203,93 +253,174 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
   eval_set = [sharding.global_batch_from_local(b, mesh) for b in eval_local]
+  skips = SkipList(os.path.join(workdir, "skip_list.jsonl"), enabled=is_main)
+  events = EventLog(os.path.join(workdir, "events.jsonl"), enabled=is_main)
 
   checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint,
                                        keys_that_may_change=RESUMABLE_CHANGES)
   cfg_dict = config_lib.to_dict(cfg)
-  start_step = 0
-  if checkpointer.latest_step() is not None:
+
+  def restore():
     state, extras = checkpointer.restore(abstract_state=trainer.abstract_state,
                                          current_config=cfg_dict)
     pipeline.set_state(extras["data"])
-    start_step = int(jax.device_get(state["step"]))
+    return state, int(jax.device_get(state["step"])), int(extras.get("rollbacks", 0))
+
+  rollbacks = 0
+  initial_position = pipeline.get_state()
+  if checkpointer.latest_step() is not None:
+    state, start_step, rollbacks = restore()
+    trainer.lr_scale = cfg.guard.rollback_lr_factor ** rollbacks
     logging.info("resumed %s at step %d", workdir, start_step)
   else:
-    state = trainer.init_state()
+    state, start_step = trainer.init_state(), 0
 
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
   flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len,
                                               cfg.train.flops_convention)
   hw_flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, "matmul")
-  device = jax.devices()[0]
-  peak = _peak_flops(device.device_kind, cfg.model.dtype) * jax.device_count()
+  peak = _peak_flops(jax.devices()[0].device_kind, cfg.model.dtype) * jax.device_count()
   writer = MetricsWriter(workdir, enabled=is_main, truncate_after_step=start_step)
   progress = ProgressLine(total, enabled=is_main and cfg.train.progress)
 
+  pending: list[tuple[int, dict, dict]] = []   # (step, data position, device metrics)
+  interval_start, interval_steps = time.time(), 0
+  last_eval = None
+  compile_s = None
+  step = start_step
   try:
-    pending: list[dict] = []
-    interval_start, interval_steps = time.time(), 0
-    last = {"eval_loss": None}
-    compile_s = None
-    for step in range(start_step, total):
+    while step < total:
       t0 = time.time()
+      position = pipeline.get_state()
       batch = sharding.global_batch_from_local(pipeline.next(), mesh)
-      state, metrics = trainer.step(state, batch)
+      state, metrics = trainer.step(state, batch, skip=step + 1 in skips)
       if compile_s is None:
         jax.block_until_ready(metrics)
         compile_s = time.time() - t0
         interval_start = time.time()  # keep compilation out of tokens/s
       else:
         interval_steps += 1
-      pending.append(metrics)
-      done = step + 1
-      is_eval = done == total or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
-      if done % cfg.train.log_every == 0 or is_eval:
-        host = jax.device_get(pending)
+      step += 1
+      pending.append((step, position, metrics))
+      is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+      if step % cfg.train.log_every == 0 or is_eval:
+        host = jax.device_get([m for _, _, m in pending])
+        for (s, pos, _), m in zip(pending, host):
+          if m["skipped"]:
+            reason = "nonfinite" if m["nonfinite"] else "spike" if m["spike"] else "listed"
+            skips.add(s, pos, reason, float(m["loss"]))
         pending = []
+        good = [m for m in host if not m["skipped"]]
         elapsed = max(time.time() - interval_start, 1e-9)
         record = {
-            "step": done,
-            "loss": float(np.mean([m["loss"] for m in host])),
+            "step": step,
+            "loss": float(np.mean([m["loss"] for m in good])) if good else float("nan"),
             "grad_norm": float(host[-1]["grad_norm"]),
             "param_norm": float(host[-1]["param_norm"]),
             "lr": float(host[-1]["lr"]),
-            "tokens": done * tokens_per_step,
-            "flops": done * tokens_per_step * flops_per_token,
+            "tokens": step * tokens_per_step,
+            "flops": step * tokens_per_step * flops_per_token,
+            "skipped": int(sum(bool(m["skipped"]) for m in host)),
         }
         record["bits_per_token"] = record["loss"] / math.log(2)
         if interval_steps:
           tps = interval_steps * tokens_per_step / elapsed
           record["tokens_per_s"] = tps
           record["mfu"] = tps * hw_flops_per_token / peak
+        streak = int(host[-1]["bad_streak"])
+        if cfg.guard.max_consecutive_bad and streak >= cfg.guard.max_consecutive_bad:
+          # K bad steps in a row: back to the newest (healthy) checkpoint, with a lower lr.
+          if rollbacks >= cfg.guard.max_rollbacks:
+            reason = (f"{streak} consecutive bad steps (non-finite, spiking or exploded loss) "
+                      f"at step {step} after {rollbacks} rollback(s)")
+            events.write({"event": "diverged", "step": step, "reason": reason})
+            raise Diverged(reason)
+          bad_step = step
+          if checkpointer.latest_step() is not None:
+            state, step, _ = restore()
+          else:  # nothing saved yet: the initial state is the last healthy one
+            state, step = trainer.init_state(), 0
+            pipeline.set_state(initial_position)
+          rollbacks += 1
+          trainer.lr_scale = cfg.guard.rollback_lr_factor ** rollbacks
+          events.write({"event": "rollback", "step": bad_step, "to_step": step,
+                        "bad_streak": streak, "lr_scale": trainer.lr_scale})
+          logging.warning("%d bad steps in a row at step %d: rolled back to step %d, lr x %.3g",
+                          streak, bad_step, step, trainer.lr_scale)
+          writer.truncate(step)
+          interval_start, interval_steps = time.time(), 0
+          continue
         if is_eval:
-          record.update(_eval_record(trainer.evaluate(state["params"], eval_set), eval_local))
-          last["eval_loss"] = record["eval_loss"]
+          last_eval = trainer.evaluate(state["params"], eval_set)
+          record.update(_eval_record(last_eval, eval_local))
         writer.write(record)
         progress.update(record)
         interval_start, interval_steps = time.time(), 0
         if on_step:
-          on_step(done, record)
-      if done == total or stop or checkpointer.due(done):  # save() itself costs ms: ask first
-        extras = {"data": pipeline.get_state(), "config": cfg_dict}
-        checkpointer.save(done, state, extras, force=bool(stop), final=done == total)
-        if stop and done < total:
-          raise Preempted(done, stop.signum)
+          on_step(step, record)
+      if step == total or stop or checkpointer.due(step):  # save() itself costs ms: ask first
+        healthy = int(jax.device_get(state["guard"]["bad_streak"])) == 0
+        if healthy or step == total or stop:  # rollbacks must land on a healthy state
+          extras = {"data": pipeline.get_state(), "config": cfg_dict, "rollbacks": rollbacks,
+                    "healthy": healthy}
+          checkpointer.save(step, state, extras, force=bool(stop), final=step == total)
+        if stop and step < total:
+          events.write({"event": "preempted", "step": step, "signal": stop.signum})
+          raise Preempted(step, stop.signum)
   finally:  # an interrupted run still finishes its async save and closes its files
     checkpointer.wait()
     checkpointer.close()
     writer.close()
     progress.close()
 
-  summary = {
+  if last_eval is None:  # the run had already finished before this call
+    last_eval = trainer.evaluate(state["params"], eval_set)
+  return {
       "steps": total, "tokens": total * tokens_per_step,
       "flops": total * tokens_per_step * flops_per_token,
-      "final_eval_loss": last["eval_loss"], "wall_s": time.time() - t_start,
-      "compile_s": compile_s,
+      "final_eval_loss": last_eval, "wall_s": time.time() - t_start,
+      "compile_s": compile_s, "skipped_steps": len(skips), "rollbacks": rollbacks,
   }
-  if last["eval_loss"] is None and start_step >= total:  # already finished earlier
-    summary["final_eval_loss"] = trainer.evaluate(state["params"], eval_set)
-  return summary
+
+
+class SkipList:
+  """WORKDIR/skip_list.jsonl: steps whose batches were skipped; a resumed run skips them too."""
+
+  def __init__(self, path: str, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+    self.steps: set[int] = set()
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          if line.strip():
+            self.steps.add(int(json.loads(line)["step"]))
+
+  def __contains__(self, step: int) -> bool:
+    return step in self.steps
+
+  def __len__(self) -> int:
+    return len(self.steps)
+
+  def add(self, step: int, position: dict, reason: str, loss: float) -> None:
+    if step in self.steps:
+      return
+    self.steps.add(step)
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps({"step": step, "data": position, "reason": reason,
+                            "loss": loss if math.isfinite(loss) else str(loss)}) + "\n")
+
+
+class EventLog:
+  """WORKDIR/events.jsonl: rollbacks, divergence, preemption (what happened, when)."""
+
+  def __init__(self, path: str, enabled: bool = True):
+    self.path, self.enabled = path, enabled
+
+  def write(self, event: dict) -> None:
+    if self.enabled:
+      with open(self.path, "a") as f:
+        f.write(json.dumps(dict(event, time=time.time())) + "\n")
 
 
 def _eval_record(eval_loss: float, eval_local) -> dict:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 from lmjax.errors import DataError
 from lmjax.scaling import fit as F
 from lmjax.scaling import plot as P
+from lmjax.scaling import report as R
+from lmjax.scaling.manifest import Manifest
 from lmjax.scaling.table import RunsTable, budget_groups, load_runs
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -23,6 +26,8 @@ EPOCH_SE = {"A": 125.0, "B": 1290.0, "E": 0.026, "alpha": 0.015, "beta": 0.021, 
 
 TRUE = {"E": 1.9, "A": 350.0, "B": 1200.0, "alpha": 0.33, "beta": 0.36}
 COARSE_STARTS = F.init_grid()[::15]  # 300 of the 4,500 starts keep synthetic tests fast
+TRUE_START = np.array([[np.log(TRUE["A"]), np.log(TRUE["B"]), np.log(TRUE["E"]), TRUE["alpha"],
+                        TRUE["beta"]]])  # one start, for tests about what follows the fit
 
 
 def law(N, D, p=TRUE):
@@ -100,12 +105,57 @@ def test_records_and_budget_groups():
                              [1e19, 1e19, 10 ** 19.5])
 
 
-def test_sqlite_without_manifest_module_is_a_clear_error(tmp_path):
-  import importlib.util
-  if importlib.util.find_spec("lmjax.sweep_manifest") is not None:
-    pytest.skip("lmjax.sweep_manifest exists in this checkout")
-  with pytest.raises(DataError, match="sweep_manifest"):
-    load_runs(tmp_path / "sweep.sqlite")
+def write_manifest(path: Path, runs, *, metrics_dir: Path | None = None,
+                   unfinished: bool = True) -> Path:
+  """A sweep manifest as lmjax.sweep leaves it, without training anything.
+
+  runs: dicts id, budget, N, D, loss and optionally C (achieved FLOPs; default 6 N D)
+  and curve (eval points written as a metrics JSONL under metrics_dir). With
+  `unfinished`, a failed and a still planned run are added too: the fit must ignore both.
+  """
+  m = Manifest(str(path))
+  extra = [dict(id="failed-run", budget=runs[0]["budget"], N=runs[0]["N"], D=runs[0]["D"]),
+           dict(id="planned-run", budget=runs[0]["budget"], N=runs[0]["N"], D=runs[0]["D"])]
+  everything = list(runs) + (extra if unfinished else [])
+  m.add(types.SimpleNamespace(id=r["id"], budget=r["budget"], config_dict={"id": r["id"]},
+                              n_params=int(r["N"]), tokens=r["D"], flops=6 * r["N"] * r["D"])
+        for r in everything)
+  for r in runs:
+    metrics = None
+    if r.get("curve") is not None and metrics_dir is not None:
+      metrics = metrics_dir / f"{r['id']}.jsonl"
+      lines = [{"step": 0, "flops": 0.0, "loss": 9.0}]  # a train-only line: no eval_loss
+      lines += [{"step": k + 1, "flops": f, "eval_loss": l}
+                for k, (f, l) in enumerate(zip(*r["curve"]))]
+      metrics.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    m.finish(r["id"], status="done", achieved_flops=r.get("C", 6 * r["N"] * r["D"]),
+             tokens=r["D"], final_eval_loss=r["loss"],
+             metrics_path=None if metrics is None else str(metrics))
+  if unfinished:
+    m.finish("failed-run", status="failed", reason="nan loss")
+  m.close()
+  return path
+
+
+def test_load_runs_reads_sweep_manifest(tmp_path):
+  runs = [dict(id=f"r{i}", budget=1e15, N=N, D=1e15 / (6 * N), loss=4.0 - 0.1 * i)
+          for i, N in enumerate([1e5, 2e5, 4e5])]
+  runs[1]["curve"] = ([1e14, 5e14, 1e15], [5.0, 4.2, 3.9])
+  path = write_manifest(tmp_path / "manifest.sqlite", runs, metrics_dir=tmp_path)
+  t = load_runs(path)
+  assert t.ids() == ("r0", "r1", "r2")  # done runs only
+  np.testing.assert_allclose(t.budget, 1e15)
+  np.testing.assert_allclose(t.C, 6 * t.N * t.D)
+  assert t.curves[0] is None and t.curves[2] is None
+  np.testing.assert_allclose(t.curves[1].loss, [5.0, 4.2, 3.9])
+  # A missing manifest is an error, and is not created as a side effect.
+  with pytest.raises(DataError, match="does not exist"):
+    load_runs(tmp_path / "missing.sqlite")
+  assert not (tmp_path / "missing.sqlite").exists()
+  empty = Manifest(str(tmp_path / "empty.sqlite"))
+  empty.close()
+  with pytest.raises(DataError, match="no finished runs"):
+    load_runs(tmp_path / "empty.sqlite")
 
 
 # ------------------------------------------------------------------ approach 3 on real data
@@ -242,7 +292,8 @@ def test_approach1_envelope_and_plots_with_curves(tmp_path):
   assert rep["approach1"]["status"] == F.OK
   assert rep["approach1"]["params"]["a"]["value"] == pytest.approx(a_true, abs=0.05)
   assert rep["loss_vs_compute"]["frontier"] == "learning-curve envelope"
-  F.write_report(rep, tmp_path)
+  assert F.write_report is R.write_report  # lmjax/sweep.py calls fit.write_report
+  R.write_report(rep, tmp_path)
   json.loads((tmp_path / "report.json").read_text())  # strict JSON: no NaN
   paths = P.plot_all(t, rep, tmp_path)
   names = {p.name for p in paths}
@@ -259,6 +310,8 @@ def test_extrapolation_check_uses_only_training_budgets():
   assert rep["held_out_budgets"] == [pytest.approx(1e21)]
   assert rep["mean_abs_rel_error"] < 0.02
   assert rep["coverage"] >= 0.3
+  for pt in rep["points"]:  # a new run is less certain than the curve through it
+    assert pt["pi95"][1] - pt["pi95"][0] >= pt["ci95"][1] - pt["ci95"][0]
   # Inflate the held-out losses by 10%: the training fit must not move, and the check must see it.
   held = t.budgets == t.budgets.max()
   bad = RunsTable(N=t.N, D=t.D, C=t.C, loss=np.where(held, 1.1 * t.loss, t.loss),
@@ -270,6 +323,58 @@ def test_extrapolation_check_uses_only_training_budgets():
     assert after["rel_error"] == pytest.approx((before["predicted"] - 1.1 * before["observed"])
                                                / (1.1 * before["observed"]), rel=1e-9)
   assert rep2["mean_abs_rel_error"] > 0.07 and rep2["coverage"] == 0.0
+
+
+def test_residual_scatter():
+  rng = np.random.default_rng(0)
+  r = 0.02 * rng.standard_normal(400)
+  s = F.residual_scatter(r, 5)
+  assert s["sigma_log"] == pytest.approx(0.02, rel=0.1) and s["dof"] == 395
+  r[:4] = 5.0  # a few diverged runs must not widen every interval
+  assert F.residual_scatter(r, 5)["sigma_log"] == pytest.approx(0.02, rel=0.15)
+  # 3 residuals of a line through 3 evenly spaced points: their MAD is exactly 0.
+  s = F.residual_scatter(0.01 * np.array([1.0, -2.0, 1.0]), 2)
+  assert s["estimator"] == "root mean square" and s["sigma_log"] > 0.01
+  assert F.residual_scatter([0.1, -0.1], 2) is None
+
+
+def test_prediction_interval_covers_new_runs_at_nominal_rate():
+  # Known 1% log-normal noise; the largest budget is held out. The curve's CI is
+  # parameter uncertainty only and misses about half of the held-out runs; the PI
+  # adds the runs' own scatter and should cover about 95%.
+  pi, ci, total = 0, 0, 0
+  for seed in range(4):
+    t = isoflop_table(seed, noise=0.01, sizes_per_budget=21)
+    ex = F.fit_all(t, approaches=[3], n_boot=200, holdout_budgets=1,
+                   parametric_starts=TRUE_START)["approach3"]["extrapolation"]
+    assert ex["scatter"]["sigma_log"] == pytest.approx(0.01, rel=0.25)
+    pi += sum(p["covered"] for p in ex["points"])
+    ci += sum(p["covered_ci"] for p in ex["points"])
+    total += len(ex["points"])
+  print(f"\nheld-out coverage over {total} runs: PI {pi / total:.0%}, CI {ci / total:.0%}")
+  assert pi / total >= 0.85
+  assert ci / total <= 0.65
+
+
+def test_saturating_frontier_at_bound_is_reported_not_presented(tmp_path):
+  # A frontier that steepens with compute (log-log curvature < 0): no E >= 0 fits it.
+  C = np.geomspace(1e18, 1e21, 8)
+  u = np.log(C / 1e19)
+  loss = np.exp(1.0 - 0.03 * u - 0.004 * u * u)
+  t = RunsTable.from_columns(N=np.sqrt(C / 120), C=C, loss=loss, budget=C)
+  rep = F.fit_all(t, approaches=[], n_boot=50, holdout_budgets=1)
+  sec = rep["loss_vs_compute"]
+  sat = sec["saturating"]
+  assert sec["status"] == F.OK and sat["status"] == F.AT_BOUND
+  assert sat["params"] is None and sat["boundary_fit"]["E"] == 0.0
+  assert sec["loglog_curvature"] < 0 and sec["compute_decades"] == pytest.approx(3.0)
+  ex = sec["extrapolation"]
+  assert ex["status"] == F.OK and ex["law"].startswith("L(C) = A * C^-alpha")
+  md = R.render_markdown(rep)
+  assert "At a bound, not an estimate" in md and "bends down" in md
+  assert "| E |" not in md  # the boundary values are not presented as a result
+  paths = P.plot_loss_vs_compute(t, rep, tmp_path)  # draws the power-law band instead
+  assert all(p.stat().st_size > 1000 for p in paths)
 
 
 def test_plots_without_curves_or_optional_sections(tmp_path):

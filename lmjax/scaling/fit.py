@@ -1,4 +1,4 @@
-"""Scaling-law fits: loss vs compute, Chinchilla Approaches 1-3, bootstrap, report.
+"""Scaling-law fits: loss vs compute, Chinchilla Approaches 1-3, bootstrap, hold-out checks.
 
 Pure float64 numpy/scipy functions (no jax: its x64 switch is process-global).
 Every approach accepts a bootstrap "counts" matrix (resamples x runs, how often
@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import math
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 from lmjax.errors import ConfigError, DataError
+# Rendering lives in report.py; write_report is re-exported for existing callers (sweep.py).
+from lmjax.scaling.report import AT_BOUND, NOT_CONVERGED, OK, SKIPPED, write_report  # noqa: F401
 from lmjax.scaling.table import RunsTable
 
 HUBER_DELTA = 1e-3
@@ -32,12 +32,12 @@ MIN_BUDGETS_APPROACH2 = 3
 MIN_FRONTIER_POINTS = 4
 MIN_ENVELOPE_POINTS = 3
 ENVELOPE_GRID_POINTS = 64
+# A run's achieved compute misses its nominal budget by up to ~1-2% (whole steps), so the
+# runs of one budget end at slightly different C. A curve counts as reaching a grid point up
+# to this fraction past its end (at its final loss): otherwise the largest budget's finished,
+# fully annealed runs (the most informative frontier points) drop out of the envelope.
+CURVE_END_TOLERANCE = 0.02
 PARAM_NAMES = ("E", "A", "B", "alpha", "beta")
-
-# Status strings used throughout the report.
-OK = "ok"
-NOT_CONVERGED = "not_converged"
-SKIPPED = "skipped"
 
 
 # ----------------------------------------------------------------------------
@@ -411,7 +411,9 @@ def _curve_grid(table: RunsTable, n_grid: int = ENVELOPE_GRID_POINTS):
   """Every learning curve's loss on one log-spaced compute grid (+inf outside its range).
 
   The grid spans the smallest to the largest final compute: below the smallest run's
-  end only partially trained (warm-up dominated) points would form the envelope.
+  end only partially trained (warm-up dominated) points would form the envelope. The
+  grid is uniform in log C, so every stretch of log compute weighs the same in the
+  frontier fit however densely the curves were evaluated there.
   """
   have = [i for i, c in enumerate(table.curves or ()) if c is not None]
   lo, hi = np.log(table.C[have].min()), np.log(table.C[have].max())
@@ -420,7 +422,8 @@ def _curve_grid(table: RunsTable, n_grid: int = ENVELOPE_GRID_POINTS):
   for i in have:
     cv = table.curves[i]
     lf = np.log(cv.flops)
-    inside = (logc >= lf[0] - 1e-9) & (logc <= lf[-1] + 1e-9)
+    inside = (logc >= lf[0] - 1e-9) & (logc <= lf[-1] + math.log1p(CURVE_END_TOLERANCE))
+    # np.interp holds the final loss beyond the last point: the run's loss at its end.
     grid[i, inside] = np.exp(np.interp(logc[inside], lf, np.log(cv.loss)))
   return np.exp(logc), grid
 
@@ -511,6 +514,9 @@ def fit_loss_vs_compute_batched(C, L, w, *, alpha_max: float = 3.0, n_grid: int 
 
   The saturating law is linear in (E, A) at fixed alpha, so alpha is profiled on a
   log grid and refined by golden-section search. alpha at the grid edge = not converged.
+  at_bound marks E clipped to 0: the frontier does not flatten (in log-log it bends
+  down), so the best saturating law degenerates into a pure power law and E is not
+  estimated. curvature is the quadratic coefficient of log L in log C (> 0: flattening).
   """
   C, L, w = (np.asarray(v, np.float64) for v in (C, L, w))
   logC = np.log(C)
@@ -547,10 +553,23 @@ def fit_loss_vs_compute_batched(C, L, w, *, alpha_max: float = 3.0, n_grid: int 
     pl_alpha = -slope
     pl_A = np.exp(my + pl_alpha * mx)
     pl_sse = (w * (lL - (my[:, None] + slope[:, None] * (logC - mx[:, None]))) ** 2).sum(1)
+    curvature = _loglog_curvature(logC - mx[:, None], lL, w)
   n_eff = (w > 0).sum(1)
   ok = interior & (n_eff >= 3) & (A > 0) & np.isfinite(A_abs)
-  return {"E": E, "A": A_abs, "alpha": alpha, "sse": sse_best, "ok": ok,
+  return {"E": E, "A": A_abs, "alpha": alpha, "sse": sse_best, "ok": ok, "at_bound": ok & (E <= 0),
+          "curvature": curvature,
           "pl_A": pl_A, "pl_alpha": pl_alpha, "pl_sse": pl_sse, "pl_ok": n_eff >= 2}
+
+
+def _loglog_curvature(x, y, w):
+  """c2 of the weighted least-squares y = c0 + c1 x + c2 x^2 per row (NaN if < 3 points)."""
+  X = np.stack([np.ones_like(x), x, x * x], -1)
+  M = np.einsum("rn,rni,rnj->rij", w, X, X)
+  v = np.einsum("rn,rni,rn->ri", w, X, y)
+  singular = ~(np.abs(np.linalg.det(M)) > 0)
+  M[singular] = np.eye(3)
+  c2 = np.linalg.solve(M, v[..., None])[:, 2, 0]
+  return np.where(singular, np.nan, c2)
 
 
 # ----------------------------------------------------------------------------
@@ -682,11 +701,94 @@ def _bootstrap_info(n_boot: int, n_failed: int, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# Prediction intervals for held-out runs.
+
+MAD_TO_SD = 1.4826  # sd of a normal distribution = 1.4826 * its median absolute deviation
+# Below this many residuals the MAD is degenerate rather than robust: the 3 residuals of a
+# line through 3 evenly spaced budgets are proportional to (1, -2, 1), whose MAD is 0.
+MIN_RESIDUALS_FOR_MAD = 10
+SCATTER_METHOD = ("sigma = 1.4826 * MAD of the training fit's log residuals (root mean square "
+                  "below 10 residuals), times sqrt(n / (n - p)); Student-t(n - p) noise times "
+                  "sigma multiplied onto every bootstrap prediction, percentiles 2.5-97.5")
+
+
+def residual_scatter(resid, n_params: int) -> dict | None:
+  """Run-to-run scatter of observations around a fitted law, in log space.
+
+  A robust scale (1.4826 * MAD about the median) so that one diverged or mis-logged run
+  does not widen every interval; with fewer than MIN_RESIDUALS_FOR_MAD residuals the
+  root mean square instead, as a median of so few is degenerate. Either is multiplied
+  by sqrt(n / (n - p)) because residuals of a fit with p parameters understate the
+  errors (the fit absorbed p degrees of freedom). Returns {"sigma_log", "n", "dof",
+  "estimator"}, or None when n <= p leaves nothing to estimate from.
+  """
+  r = np.asarray(resid, np.float64)
+  r = r[np.isfinite(r)]
+  n = r.size
+  dof = n - n_params
+  if dof < 1:
+    return None
+  if n >= MIN_RESIDUALS_FOR_MAD:
+    scale, estimator = MAD_TO_SD * float(np.median(np.abs(r - np.median(r)))), "1.4826 MAD"
+  else:
+    scale, estimator = float(np.sqrt(np.mean(r * r))), "root mean square"
+  return {"sigma_log": scale * math.sqrt(n / dof), "n": int(n), "dof": int(dof),
+          "estimator": estimator}
+
+
+def predictive_samples(curve_samples: np.ndarray, scatter: dict | None,
+                       rng: np.random.Generator) -> np.ndarray | None:
+  """Bootstrap predictions of the law (R, m) -> draws of a new observation (R, m).
+
+  Each draw is one resample's curve times exp(noise): parameter uncertainty plus the
+  scatter of a single run around the law. Student-t(n - p) noise rather than normal
+  because sigma itself is estimated from few residuals (the classical t interval).
+  """
+  if scatter is None:
+    return None
+  noise = scatter["sigma_log"] * rng.standard_t(scatter["dof"], size=curve_samples.shape)
+  with np.errstate(all="ignore"):
+    return curve_samples * np.exp(noise)
+
+
+def _held_out_row(predicted: float, observed: float, curve: np.ndarray,
+                  new_run: np.ndarray | None, **keys) -> dict:
+  """One held-out prediction: curve CI, new-run PI, and coverage judged by the PI."""
+  ci = summarise(predicted, curve)["ci95"]
+  pi = summarise(predicted, new_run)["ci95"] if new_run is not None else [None, None]
+  return {**keys, "observed": float(observed), "predicted": _num(predicted), "ci95": ci,
+          "pi95": pi, "rel_error": (predicted - observed) / observed,
+          "covered": _covers(pi, observed), "covered_ci": _covers(ci, observed)}
+
+
+def _noise_rng(seed: int, stream: int) -> np.random.Generator:
+  """Noise for prediction intervals: separate from the run resamples, one stream per section."""
+  return np.random.default_rng([seed, 2, stream])
+
+
+# ----------------------------------------------------------------------------
 # Per-approach drivers that produce report sections.
 
 
 def _plot_grid(C_data: np.ndarray, target: float, n: int = 48) -> np.ndarray:
   return np.geomspace(C_data.min(), max(C_data.max(), target), n)
+
+
+def _saturating_state(out: dict, r: int = 0) -> str:
+  if not out["ok"][r]:
+    return NOT_CONVERGED
+  return AT_BOUND if out["at_bound"][r] else OK
+
+
+def _at_bound_message(main: dict, decades: float) -> str:
+  c2 = float(main["curvature"][0])
+  bend = (f"log L against log C bends down (quadratic coefficient {c2:.3g} < 0), i.e. the "
+          "frontier steepens instead of flattening" if c2 < 0 else
+          "the frontier shows no flattening")
+  return (f"E hit its lower bound 0 over {decades:.2g} decades of compute: {bend}, so the "
+          "saturating law degenerates into the pure power law and E (with A, alpha of this "
+          "law) is not identified by these runs. Use the power law below, or add budgets "
+          "that reach where the loss flattens.")
 
 
 def _section_loss_vs_compute(table: RunsTable, counts: np.ndarray, target: float, seed: int,
@@ -698,6 +800,8 @@ def _section_loss_vs_compute(table: RunsTable, counts: np.ndarray, target: float
   if n_pts < MIN_FRONTIER_POINTS:
     raise DataError(f"the loss-vs-compute fit needs at least {MIN_FRONTIER_POINTS} frontier points "
                     f"({source}) but has {n_pts}; add runs at more compute budgets.")
+  used = wf[0] > 0
+  decades = float(np.log10(Cf[0][used].max() / Cf[0][used].min()))
   main = fit_loss_vs_compute_batched(Cf, Lf, wf)
   Cb, Lb, wb = frontier_points(table, counts)
   boot = fit_loss_vs_compute_batched(Cb, Lb, wb)
@@ -709,22 +813,38 @@ def _section_loss_vs_compute(table: RunsTable, counts: np.ndarray, target: float
   with np.errstate(all="ignore"):
     band = pred(boot["E"], boot["A"], boot["alpha"], grid)
     at_target = pred(boot["E"], boot["A"], boot["alpha"], np.array([target]))[:, 0]
-  sat_ok = bool(main["ok"][0])
+    pl_band = boot["pl_A"][:, None] * grid[None] ** -boot["pl_alpha"][:, None]
+  state = _saturating_state(main)
+  sat_ok = state == OK
   E, A, alpha = (float(main[k][0]) for k in ("E", "A", "alpha"))
+  saturating = {
+      "law": "L(C) = E + A * C^-alpha",
+      "status": state,
+      "objective": {"sse": _num(main["sse"][0]) if sat_ok else None},
+      "params": ({"E": summarise(E, boot["E"]), "A": summarise(A, boot["A"]),
+                  "alpha": summarise(alpha, boot["alpha"])} if sat_ok else None),
+      "prediction": ({"target_flops": target,
+                      "loss": summarise(E + A * target ** -alpha, at_target)}
+                     if sat_ok else None),
+  }
+  if state == AT_BOUND:
+    saturating["message"] = _at_bound_message(main, decades)
+    # Kept for diagnosis only; render_markdown and the plots do not present them.
+    saturating["boundary_fit"] = {"E": E, "A": A, "alpha": alpha}
+  elif state == NOT_CONVERGED:
+    saturating["message"] = ("the saturating fit did not converge (alpha ran to the edge of "
+                             "[0.001, 3] or the fit has no decay); no parameters reported")
+  info = _bootstrap_info(counts.shape[0], int(bad.sum()), seed)
+  info["n_at_bound"] = int(boot["at_bound"].sum())
   section = {
-      "status": OK if sat_ok else NOT_CONVERGED,
+      # The pure power law always fits, so the section has a usable result; the saturating
+      # law's own status says whether E is estimated.
+      "status": OK,
       "frontier": source,
       "n_points": n_pts,
-      "saturating": {
-          "law": "L(C) = E + A * C^-alpha",
-          "status": OK if sat_ok else NOT_CONVERGED,
-          "objective": {"sse": _num(main["sse"][0]) if sat_ok else None},
-          "params": ({"E": summarise(E, boot["E"]), "A": summarise(A, boot["A"]),
-                      "alpha": summarise(alpha, boot["alpha"])} if sat_ok else None),
-          "prediction": ({"target_flops": target,
-                          "loss": summarise(E + A * target ** -alpha, at_target)}
-                         if sat_ok else None),
-      },
+      "compute_decades": decades,
+      "loglog_curvature": _num(main["curvature"][0]),
+      "saturating": saturating,
       "power_law": {
           "law": "L(C) = A * C^-alpha",
           "status": OK,
@@ -732,17 +852,18 @@ def _section_loss_vs_compute(table: RunsTable, counts: np.ndarray, target: float
           "params": {"A": summarise(main["pl_A"][0], boot["pl_A"]),
                      "alpha": summarise(main["pl_alpha"][0], boot["pl_alpha"])},
       },
-      "bootstrap": _bootstrap_info(counts.shape[0], int(bad.sum()), seed),
-      "plot": {"frontier_C": Cf[0][wf[0] > 0].tolist(), "frontier_loss": Lf[0][wf[0] > 0].tolist(),
+      "bootstrap": info,
+      "plot": {"frontier_C": Cf[0][used].tolist(), "frontier_loss": Lf[0][used].tolist(),
                "C": grid.tolist(),
                "fit": (E + A * grid ** -alpha).tolist() if sat_ok else None,
                "lo": np.nanpercentile(band, 2.5, 0).tolist() if sat_ok else None,
                "hi": np.nanpercentile(band, 97.5, 0).tolist() if sat_ok else None,
-               "power_law_fit": (main["pl_A"][0] * grid ** -main["pl_alpha"][0]).tolist()},
+               "power_law_fit": (main["pl_A"][0] * grid ** -main["pl_alpha"][0]).tolist(),
+               "power_law_lo": np.nanpercentile(pl_band, 2.5, 0).tolist(),
+               "power_law_hi": np.nanpercentile(pl_band, 97.5, 0).tolist()},
   }
-  if not sat_ok:
-    section["message"] = ("the saturating fit did not converge (alpha ran to the edge of "
-                          "[0.001, 3] or the fit has no decay); no parameters reported")
+  if state != OK:
+    section["message"] = saturating["message"]
   section["extrapolation"] = _extrapolate_loss_vs_compute(table, holdout, counts, seed)
   return section
 
@@ -766,6 +887,11 @@ def _train_counts(n_boot: int, train: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _extrapolate_loss_vs_compute(table, holdout, counts, seed) -> dict:
+  """Predicts each held-out budget's best final loss from the frontier without it.
+
+  Uses the saturating law when its training fit is interior, else the pure power law
+  (the saturating law's E = 0 limit, fitted in log space), and says which.
+  """
   if holdout is None:
     return _skip("needs --holdout_budgets >= 1 and more budgets than that")
   train = table.subset(~holdout)
@@ -776,33 +902,60 @@ def _extrapolate_loss_vs_compute(table, holdout, counts, seed) -> dict:
     return _skip(f"fewer than {MIN_FRONTIER_POINTS} frontier points remain without the held-out "
                  "budgets")
   main = fit_loss_vs_compute_batched(Cf, Lf, wf)
-  if not main["ok"][0]:
-    return {"status": NOT_CONVERGED, "reason": "the fit without the held-out budgets did not "
-            "converge"}
   train_counts = _train_counts(counts.shape[0], ~holdout, seed)
   boot = fit_loss_vs_compute_batched(*frontier_points(train, train_counts))
-  E, A, al = (float(main[k][0]) for k in ("E", "A", "alpha"))
+  state = _saturating_state(main)
+  used = wf[0] > 0
+  if state == OK:
+    law = "L(C) = E + A * C^-alpha"
+    E, A, al = (float(main[k][0]) for k in ("E", "A", "alpha"))
+    curve = lambda C: E + A * C ** -al
+    ok = boot["ok"]
+    boot_curve = lambda C: np.where(ok, boot["E"] + boot["A"] * C ** -boot["alpha"], np.nan)
+    n_params = 3
+  else:
+    law = "L(C) = A * C^-alpha (the saturating fit " + (
+        "has E at its bound 0)" if state == AT_BOUND else "did not converge)")
+    A, al = float(main["pl_A"][0]), float(main["pl_alpha"][0])
+    curve = lambda C: A * C ** -al
+    boot_curve = lambda C: np.where(boot["pl_ok"], boot["pl_A"] * C ** -boot["pl_alpha"], np.nan)
+    n_params = 2
+  with np.errstate(all="ignore"):
+    scatter = residual_scatter(np.log(Lf[0][used]) - np.log(curve(Cf[0][used])), n_params)
+  rng = _noise_rng(seed, 0)
   rows = []
   _, groups, _ = _budget_groups(test)
   for g in groups:
     j = g[np.argmin(test.loss[g])]
     C, obs = float(test.C[j]), float(test.loss[j])
     with np.errstate(all="ignore"):
-      samples = np.where(boot["ok"], boot["E"] + boot["A"] * C ** -boot["alpha"], np.nan)
-    s = summarise(E + A * C ** -al, samples)
-    rows.append({"budget": float(test.budgets[j]), "C": C, "observed": obs,
-                 "predicted": s["value"], "ci95": s["ci95"],
-                 "rel_error": (s["value"] - obs) / obs, "covered": _covers(s["ci95"], obs)})
-  return _extrapolation_summary(rows, "best final loss of each held-out budget", test)
+      samples = boot_curve(C)
+    rows.append(_held_out_row(curve(C), obs, samples, predictive_samples(samples, scatter, rng),
+                              budget=float(test.budgets[j]), C=C))
+  out = _extrapolation_summary(rows, "best final loss of each held-out budget", test, scatter)
+  out["law"] = law
+  return out
 
 
-def _extrapolation_summary(rows, what, test) -> dict:
+def _extrapolation_summary(rows, what, test, scatter) -> dict:
   errs = np.array([abs(r["rel_error"]) for r in rows])
-  cov = [r["covered"] for r in rows if r["covered"] is not None]
-  return {"status": OK, "held_out_budgets": sorted({float(b) for b in np.unique(test.budgets)}),
-          "n_held_out_runs": len(test), "predicts": what,
-          "mean_abs_rel_error": float(errs.mean()), "max_abs_rel_error": float(errs.max()),
-          "coverage": float(np.mean(cov)) if cov else None, "points": rows}
+
+  def rate(key):
+    judged = [r[key] for r in rows if r[key] is not None]
+    return float(np.mean(judged)) if judged else None
+
+  out = {"status": OK, "held_out_budgets": sorted({float(b) for b in np.unique(test.budgets)}),
+         "n_held_out_runs": len(test), "predicts": what,
+         "mean_abs_rel_error": float(errs.mean()), "max_abs_rel_error": float(errs.max()),
+         "coverage": rate("covered"), "coverage_ci": rate("covered_ci"),
+         "interval": "coverage counts held-out values inside pi95, the 95% prediction "
+                     "interval for a new run; ci95 is the fitted curve's interval only",
+         "pi_method": SCATTER_METHOD,
+         "scatter": scatter, "points": rows}
+  if scatter is None:
+    out["scatter_reason"] = ("too few training points to estimate the run-to-run scatter "
+                             "(need more points than the law has parameters)")
+  return out
 
 
 def _section_approach3(table, counts, target, seed, holdout, delta, starts) -> dict:
@@ -862,15 +1015,17 @@ def _extrapolate_approach3(table, holdout, counts, seed, delta, starts) -> dict:
   with np.errstate(all="ignore"):
     samples = E + A / test.N[None] ** al + B / test.D[None] ** be
   pred = fit.predict(test.N, test.D)
+  # Scatter from the same Huber fit's log residuals on the training runs (p = 5).
+  scatter = residual_scatter(np.log(train.loss) - np.log(fit.predict(train.N, train.D)),
+                             len(PARAM_NAMES))
+  new_run = predictive_samples(samples, scatter, _noise_rng(seed, 3))
   rows = []
   for j, rid in enumerate(test.ids()):
-    s = summarise(pred[j], samples[:, j])
-    rows.append({"run_id": rid, "budget": float(test.budgets[j]), "N": float(test.N[j]),
-                 "D": float(test.D[j]), "observed": float(test.loss[j]),
-                 "predicted": s["value"], "ci95": s["ci95"],
-                 "rel_error": (s["value"] - test.loss[j]) / test.loss[j],
-                 "covered": _covers(s["ci95"], test.loss[j])})
-  out = _extrapolation_summary(rows, "final loss of every held-out run", test)
+    rows.append(_held_out_row(pred[j], test.loss[j], samples[:, j],
+                              None if new_run is None else new_run[:, j], run_id=rid,
+                              budget=float(test.budgets[j]), N=float(test.N[j]),
+                              D=float(test.D[j])))
+  out = _extrapolation_summary(rows, "final loss of every held-out run", test, scatter)
   out["fit_without_held_out"] = {k: getattr(fit, k) for k in PARAM_NAMES}
   return out
 
@@ -972,7 +1127,11 @@ def _extrapolate_approach2(table, holdout, counts, iso_full, seed, delta) -> dic
     return _skip(f"fewer than {MIN_BUDGETS_APPROACH2} valid budgets remain without the held-out "
                  "ones")
   logC = np.log(np.broadcast_to(iso["C"], v.shape))
-  G, a, _ = _power_law_batched(logC, np.log(np.where(v, iso["N_opt"], 1.0)), v.astype(float))
+  logN = np.log(np.where(v, iso["N_opt"], 1.0))
+  G, a, _ = _power_law_batched(logC, logN, v.astype(float))
+  # Scatter of the training budgets' N_opt around N_opt = G C^a (p = 2).
+  scatter = residual_scatter((logN[0] - np.log(G[0]) - a[0] * logC[0])[v[0]], 2)
+  rng = _noise_rng(seed, 2)
   rows = []
   held = np.unique(table.budgets[holdout])
   for k, bval in enumerate(iso_full["budgets"]):
@@ -982,21 +1141,23 @@ def _extrapolate_approach2(table, holdout, counts, iso_full, seed, delta) -> dic
       rows.append({"budget": float(bval), "status": "no valid parabola for this budget"})
       continue
     C, obs = float(iso_full["C"][k]), float(iso_full["N_opt"][0, k])
-    s = summarise(G[0] * C ** a[0], np.where(v[1:].sum(1) >= 2, G[1:] * C ** a[1:], np.nan))
-    rows.append({"budget": float(bval), "C": C, "observed": obs, "predicted": s["value"],
-                 "ci95": s["ci95"], "rel_error": (s["value"] - obs) / obs,
-                 "covered": _covers(s["ci95"], obs)})
+    with np.errstate(all="ignore"):
+      samples = np.where(v[1:].sum(1) >= 2, G[1:] * C ** a[1:], np.nan)
+    new_run = predictive_samples(samples[:, None], scatter, rng)
+    rows.append(_held_out_row(G[0] * C ** a[0], obs, samples,
+                              None if new_run is None else new_run[:, 0], budget=float(bval),
+                              C=C))
   scored = [r for r in rows if "observed" in r]
   if not scored:
     return _skip("no held-out budget has a valid IsoFLOP parabola to compare with")
   out = _extrapolation_summary(scored, "N_opt from each held-out budget's own parabola",
-                               table.subset(holdout))
+                               table.subset(holdout), scatter)
   out["points"] = rows
   return out
 
 
 # ----------------------------------------------------------------------------
-# Everything at once, and the report files.
+# Everything at once.
 
 
 def fit_all(table: RunsTable, *, approaches: Iterable[int] | None = None, n_boot: int = 1000,
@@ -1066,116 +1227,3 @@ def fit_all(table: RunsTable, *, approaches: Iterable[int] | None = None, n_boot
   if not ran:
     raise DataError(f"no fit can run on these {len(table)} runs: {errors[0] if errors else ''}")
   return report
-
-
-def _jsonable(obj):
-  if isinstance(obj, dict):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return _jsonable(obj.tolist())
-  if isinstance(obj, (np.bool_, bool)):
-    return bool(obj)
-  if isinstance(obj, (np.integer,)):
-    return int(obj)
-  if isinstance(obj, (float, np.floating)):
-    return float(obj) if math.isfinite(obj) else None
-  return obj
-
-
-_SECTIONS = (("loss_vs_compute", "Loss vs compute (frontier)"),
-             ("approach1", "Approach 1: learning-curve envelope"),
-             ("approach2", "Approach 2: IsoFLOP profiles"),
-             ("approach3", "Approach 3: parametric L(N, D)"))
-
-
-def _fmt(v) -> str:
-  if v is None:
-    return "-"
-  if isinstance(v, float):
-    return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.4e}"
-  return str(v)
-
-
-def _param_table(params: dict) -> list[str]:
-  lines = ["| parameter | value | 95% CI | SE |", "|---|---|---|---|"]
-  for name, p in params.items():
-    lo, hi = p["ci95"]
-    lines.append(f"| {name} | {_fmt(p['value'])} | [{_fmt(lo)}, {_fmt(hi)}] | {_fmt(p['se'])} |")
-  return lines
-
-
-def _extrapolation_lines(ex: dict | None) -> list[str]:
-  if not ex:
-    return []
-  if ex.get("status") != OK:
-    return [f"Extrapolation check: {ex.get('status')} ({ex.get('reason', '')})", ""]
-  cov = ex["coverage"]
-  held = ", ".join(_fmt(b) for b in ex["held_out_budgets"])
-  lines = [f"Extrapolation check (refit without budgets {held}; "
-           f"predicts {ex['predicts']}): mean |rel. error| {ex['mean_abs_rel_error']:.3%}, "
-           f"max {ex['max_abs_rel_error']:.3%}, 95% interval covers "
-           f"{'-' if cov is None else f'{cov:.0%}'} of held-out values.", ""]
-  return lines
-
-
-def render_markdown(report: dict) -> str:
-  lines = ["# Scaling-law fit report", "",
-           f"{report['n_runs']} runs, {report['n_budgets']} budgets ({report['budgets_from']}), "
-           f"learning curves: {'yes' if report['has_curves'] else 'no'}. Convention C = 6 N D. "
-           f"Predictions at C = {report['target_flops']:.4g} FLOPs.", ""]
-  for key, title in _SECTIONS:
-    sec = report.get(key)
-    if sec is None:
-      continue
-    lines += [f"## {title}", ""]
-    if sec.get("status") == SKIPPED:
-      lines += [f"Skipped: {sec.get('reason')}", ""]
-      continue
-    if key == "loss_vs_compute":
-      lines += [f"Frontier: {sec['frontier']} ({sec['n_points']} points).", ""]
-      for sub in ("saturating", "power_law"):
-        s = sec[sub]
-        lines += [f"### {s['law']}", ""]
-        if s["status"] != OK:
-          lines += [f"Not converged: {sec.get('message', '')}", ""]
-          continue
-        lines += _param_table(s["params"]) + [""]
-        if s.get("prediction"):
-          p = s["prediction"]["loss"]
-          lines += [f"Predicted frontier loss at target: {_fmt(p['value'])} "
-                    f"[{_fmt(p['ci95'][0])}, {_fmt(p['ci95'][1])}]", ""]
-    else:
-      if sec.get("status") != OK:
-        lines += [f"Not converged: {sec.get('message', '')}", ""]
-        continue
-      lines += [f"{sec.get('law', '')}; {sec['n_points']} points; objective "
-                + ", ".join(f"{k} = {_fmt(v)}" for k, v in sec["objective"].items()), ""]
-      lines += _param_table(sec["params"]) + [""]
-      pred = sec.get("prediction", {})
-      if pred:
-        lines += ["| at target compute | value | 95% CI | SE |", "|---|---|---|---|"]
-        for name in ("loss", "N_opt", "D_opt"):
-          if name in pred:
-            p = pred[name]
-            lines.append(f"| {name} | {_fmt(p['value'])} | [{_fmt(p['ci95'][0])}, "
-                         f"{_fmt(p['ci95'][1])}] | {_fmt(p['se'])} |")
-        lines.append("")
-    b = sec.get("bootstrap")
-    if b:
-      lines += [f"Bootstrap: {b['n_resamples']} resamples (seed {b['seed']}), "
-                f"{b['n_failed']} failed.", ""]
-    lines += _extrapolation_lines(sec.get("extrapolation"))
-  return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-  """Writes report.json and report.md into out_dir; returns their paths."""
-  out = Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  js = out / "report.json"
-  md = out / "report.md"
-  js.write_text(json.dumps(_jsonable(report), indent=1, allow_nan=False) + "\n")
-  md.write_text(render_markdown(report))
-  return js, md

@@ -121,7 +121,7 @@ def run_id(cfg: Config) -> str:
   return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def _run_config(sweep: SweepConfig, model: ModelConfig, steps: int) -> Config:
+def run_config(sweep: SweepConfig, model: ModelConfig, steps: int) -> Config:
   base = sweep.base
   tokens_per_step = base.train.global_batch * base.train.seq_len
   n = flops_n(model)
@@ -141,11 +141,11 @@ def _run_config(sweep: SweepConfig, model: ModelConfig, steps: int) -> Config:
   return dataclasses.replace(base, model=model, optim=optim, train=train, checkpoint=ckpt)
 
 
-def _planned(sweep: SweepConfig, model: ModelConfig, budget: float, tokens: float) -> PlannedRun:
+def planned_run(sweep: SweepConfig, model: ModelConfig, budget: float, tokens: float) -> PlannedRun:
   base = sweep.base
   tokens_per_step = base.train.global_batch * base.train.seq_len
   steps = max(1, math.ceil(tokens / tokens_per_step))
-  cfg = _run_config(sweep, model, steps)
+  cfg = run_config(sweep, model, steps)
   rid = run_id(cfg)
   cfg = dataclasses.replace(cfg, name=rid)
   D = steps * tokens_per_step
@@ -177,14 +177,14 @@ def plan(sweep: SweepConfig) -> list[PlannedRun]:
   if sweep.design == "isoflop":
     for budget in sorted(sweep.budgets):
       for model in isoflop_sizes(sweep, budget):
-        runs.append(_planned(sweep, model, budget,
+        runs.append(planned_run(sweep, model, budget,
                              flops_lib.tokens_for_budget(model, T, budget, conv)))
   else:
     for width in sweep.ladder_widths:
       model = family_member(sweep, width)
       for m in sweep.token_multiples:
         tokens = m * flops_n(model)
-        runs.append(_planned(sweep, model, flops_lib.run_flops(model, T, tokens, conv), tokens))
+        runs.append(planned_run(sweep, model, flops_lib.run_flops(model, T, tokens, conv), tokens))
   ids = [r.id for r in runs]
   require(len(set(ids)) == len(ids),
           "the sweep plans the same run twice (two budgets round to the same model and "

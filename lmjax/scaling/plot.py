@@ -72,12 +72,24 @@ def plot_loss_vs_compute(table: RunsTable, report: dict, out_dir: Path) -> list[
     ax.fill_between(plot["C"], lo, hi, color="C1", alpha=0.25, lw=0, label="95% bootstrap band")
   if plot.get("power_law_fit"):
     ax.plot(plot["C"], plot["power_law_fit"], color="C2", lw=1, ls="--", label="A C^-alpha")
+    if not plot.get("fit") and plot.get("power_law_lo"):
+      # The saturating law is not presented (E at its bound or not converged): band the
+      # power law instead, as it is then the section's result.
+      ax.fill_between(plot["C"], np.array(plot["power_law_lo"], float),
+                      np.array(plot["power_law_hi"], float), color="C2", alpha=0.2, lw=0,
+                      label="95% bootstrap band (A C^-alpha)")
   ex = sec.get("extrapolation") or {}
+  labelled = False
   for pt in ex.get("points") or []:
-    if pt.get("ci95") and pt["ci95"][0] is not None:
-      ax.errorbar([pt["C"]], [pt["predicted"]],
-                  yerr=[[pt["predicted"] - pt["ci95"][0]], [pt["ci95"][1] - pt["predicted"]]],
-                  fmt="s", color="C3", ms=4, capsize=3)
+    # Thin wide bar: prediction interval for a new run; thick bar: the curve's CI.
+    for key, lw, cap, name in (("pi95", 1, 4, "95% PI (new run)"),
+                               ("ci95", 3, 0, "95% CI (curve)")):
+      iv = pt.get(key)
+      if iv and iv[0] is not None:
+        ax.errorbar([pt["C"]], [pt["predicted"]], fmt="s", color="C3", ms=4, capsize=cap,
+                    elinewidth=lw, yerr=[[pt["predicted"] - iv[0]], [iv[1] - pt["predicted"]]],
+                    label=None if labelled else f"held-out prediction, {name}")
+    labelled = True
   ax.set(xscale="log", yscale="log", xlabel="training compute C (FLOPs)", ylabel="loss",
          title="Loss vs compute")
   ax.legend(fontsize=7)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -22,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from lmjax.errors import DataError
+from lmjax.scaling import manifest as manifest_lib
 
 FLOPS_PER_PARAM_TOKEN = 6.0  # C = 6 N D: forward + backward FLOPs per parameter per token
 BUDGET_LOG10_DECIMALS = 1
@@ -284,13 +283,16 @@ def load_runs(path: str | Path, *, drop_highest: int = 0, **csv_columns: str) ->
   path = Path(path)
   suffix = path.suffix.lower()
   if suffix in (".sqlite", ".sqlite3", ".db"):
-    if importlib.util.find_spec("lmjax.sweep_manifest") is None:
-      raise DataError(f"{str(path)!r} is a sweep manifest but this checkout has no "
-                      "lmjax.sweep_manifest module to read it; export the runs to CSV instead.")
+    # Checked here, not left to the manifest: opening a missing path with sqlite would
+    # create an empty manifest file as a side effect.
     if not path.is_file():
-      raise DataError(f"sweep manifest {str(path)!r} does not exist; pass an existing path.")
-    manifest = importlib.import_module("lmjax.sweep_manifest")
-    return RunsTable.from_records(manifest.load_records(str(path)), drop_highest=drop_highest)
+      raise DataError(f"sweep manifest {str(path)!r} does not exist; pass the manifest.sqlite "
+                      "of a sweep (python -m lmjax.sweep writes it into its workdir).")
+    records = manifest_lib.load_records(str(path))
+    if not records:
+      raise DataError(f"sweep manifest {str(path)!r} has no finished runs (status done with a "
+                      "final eval loss) yet; let the sweep finish some runs first.")
+    return RunsTable.from_records(records, drop_highest=drop_highest)
   if suffix in (".json", ".jsonl"):
     if not path.is_file():
       raise DataError(f"runs file {str(path)!r} does not exist; pass an existing path.")

@@ -10,10 +10,10 @@ from lmjax.scaling.plan import SweepConfig
 
 def get_config():
   c = config_lib.to_config_dict(SweepConfig())
-  c.budgets = (3e10, 6e10, 1.2e11, 2.4e11)
+  c.budgets = (7.5e10, 1.5e11, 3e11, 6e11)
   c.sizes_per_budget = 4
   c.size_span = 8.0
-  c.tokens_per_param = 20.0
+  c.tokens_per_param = 40.0   # small models are compute-optimal at more tokens per parameter
   c.head_dim = 16
   c.aspect_ratio = 32.0
   c.lr_base = 1e-2

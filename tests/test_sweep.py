@@ -1,0 +1,175 @@
+"""Planning, the manifest, and a real sweep that is killed and resumed."""
+import dataclasses
+import importlib.util
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lmjax import config as config_lib
+from lmjax import flops as flops_lib
+from lmjax.errors import ConfigError
+from lmjax.preemption import EXIT_REQUEUE
+from lmjax.scaling import manifest as manifest_lib
+from lmjax.scaling.plan import SweepConfig, flops_n, plan
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "experiments" / "configs" / "sweeps"
+
+
+def _sweep(name: str) -> SweepConfig:
+  spec = importlib.util.spec_from_file_location(name, SWEEPS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return config_lib.from_dict(SweepConfig, module.get_config())
+
+
+@pytest.mark.parametrize("name", ["cpu_default", "tiny"])
+def test_isoflop_plan_spends_each_budget(name):
+  sweep = _sweep(name)
+  runs = plan(sweep)
+  assert [r.id for r in plan(sweep)] == [r.id for r in runs]  # stable ids
+  assert len({r.id for r in runs}) == len(runs) == len(sweep.budgets) * sweep.sizes_per_budget
+  T, tokens_per_step = sweep.base.train.seq_len, sweep.base.train.global_batch * sweep.base.train.seq_len
+  for r in runs:
+    cfg = r.config
+    one_step = flops_lib.flops_per_token(cfg.model, T, "6N") * tokens_per_step
+    assert r.budget <= r.flops < r.budget + one_step  # spends the budget, within one step
+    assert r.flops == pytest.approx(6 * r.n_params * r.tokens)  # C = 6 N D exactly
+    assert r.n_params == flops_n(cfg.model)
+    assert cfg.train.steps * tokens_per_step == r.tokens
+    assert cfg.model.d_model == cfg.model.n_heads * sweep.head_dim
+    assert 0 <= cfg.optim.warmup_steps <= cfg.train.steps // 4
+    assert cfg.name == r.id
+  for budget in sweep.budgets:  # sizes spread around the expected optimum
+    ns = sorted(r.n_params for r in runs if r.budget == budget)
+    assert ns[-1] / ns[0] >= 3
+
+
+def test_ladder_plan_and_hyperparameter_rules():
+  sweep = dataclasses.replace(_sweep("tiny"), design="ladder", ladder_widths=(16, 32, 64),
+                              token_multiples=(10.0, 20.0))
+  runs = plan(sweep)
+  assert len(runs) == 6
+  by_width = {}
+  for r in runs:
+    by_width.setdefault(r.config.model.d_model, []).append(r)
+    assert r.tokens >= 10 * r.n_params
+  lrs = [by_width[w][0].config.optim.lr for w in (16, 32, 64)]
+  assert lrs[0] > lrs[1] > lrs[2]  # learning rate falls with width
+  assert lrs[1] / lrs[2] == pytest.approx(2 ** sweep.lr_width_exponent)
+
+
+def test_bad_sweep_configs_are_one_line():
+  for kwargs, fragment in [(dict(budgets=(1e9, -1.0)), "sweep.budgets"),
+                           (dict(design="grid"), "sweep.design"),
+                           (dict(widths=(16, 40)), "multiple of sweep.head_dim")]:
+    with pytest.raises(ConfigError, match=fragment) as e:
+      SweepConfig(**kwargs)
+    assert "\n" not in str(e.value)
+  with pytest.raises(ConfigError, match="unknown config key 'budgetz'"):
+    config_lib.from_dict(SweepConfig, {"budgetz": [1.0]})
+
+
+def _claimer(path, ids, out_path, delay):
+  m = manifest_lib.Manifest(path)
+  got = []
+  while True:
+    row = m.claim(ids, max_attempts=1, stale_after_s=60)
+    if row is None:
+      break
+    time.sleep(delay)  # "train"
+    m.finish(row["id"], status="done", final_eval_loss=1.0)
+    got.append(row["id"])
+  Path(out_path).write_text(json.dumps(got))
+
+
+@dataclasses.dataclass
+class _FakeRun:
+  id: str
+  budget: float = 1.0
+  n_params: int = 1
+  tokens: int = 1
+  flops: float = 6.0
+  config_dict: dict = dataclasses.field(default_factory=dict)
+
+
+def test_concurrent_claimers_run_each_run_exactly_once(tmp_path):
+  path = str(tmp_path / "manifest.sqlite")
+  ids = [f"run{i:02d}" for i in range(24)]
+  manifest_lib.Manifest(path).add([_FakeRun(i) for i in ids])
+  ctx = multiprocessing.get_context("spawn")
+  procs = [ctx.Process(target=_claimer, args=(path, ids, str(tmp_path / f"w{k}.json"), 0.01))
+           for k in range(3)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join(60)
+  claimed = sum((json.loads((tmp_path / f"w{k}.json").read_text()) for k in range(3)), [])
+  assert sorted(claimed) == ids  # every run once, none twice
+  rows = manifest_lib.Manifest(path).rows()
+  assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
+
+
+def test_dead_owner_is_reclaimed(tmp_path):
+  m = manifest_lib.Manifest(str(tmp_path / "m.sqlite"))
+  m.add([_FakeRun("a")])
+  dead = f"{socket.gethostname()}:999999999"  # this host, a pid that does not exist
+  assert m.claim(["a"], max_attempts=3, stale_after_s=1e9, owner=dead)["id"] == "a"
+  # Its owner process is gone: the next claimer takes the run over.
+  row = m.claim(["a"], max_attempts=3, stale_after_s=1e9)
+  assert row["id"] == "a" and row["attempts"] == 2
+  assert m.claim(["a"], max_attempts=3, stale_after_s=1e9) is None  # we are alive
+
+
+def _sweep_cmd(workdir, cache):
+  return [sys.executable, "-m", "lmjax.sweep", f"--config={SWEEPS / 'tiny.py'}",
+          f"--workdir={workdir}", f"--config.compilation_cache={cache}"]
+
+
+def _statuses(workdir):
+  db = sqlite3.connect(str(Path(workdir) / "manifest.sqlite"))
+  return {r[0]: (r[1], r[2], r[3]) for r in
+          db.execute("SELECT id, status, attempts, wall_s FROM runs")}
+
+
+def test_sweep_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
+  workdir, cache = tmp_path / "sweep", tmp_path / "cache"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    proc = subprocess.Popen(_sweep_cmd(workdir, cache), cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    before = {}
+    while time.time() < deadline:  # wait until one more run has finished
+      time.sleep(0.5)
+      if (workdir / "manifest.sqlite").exists():
+        done = {k for k, v in _statuses(workdir).items() if v[0] == "done"}
+        if len(done) >= (2 if sig == signal.SIGTERM else 4):
+          break
+    before = _statuses(workdir)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_REQUEUE, err[-3000:]
+    assert "interrupted" in err
+    after = _statuses(workdir)
+    assert all(s != "running" for s, _, _ in after.values())  # nothing left claimed
+  finished_before_resume = {k: v for k, v in after.items() if v[0] == "done"}
+  proc = subprocess.run(_sweep_cmd(workdir, cache), cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  final = _statuses(workdir)
+  assert all(s == "done" for s, _, _ in final.values()), final
+  for rid, row in finished_before_resume.items():
+    assert final[rid] == row  # same attempts and wall time: not trained again
+  report = json.loads((workdir / "fit" / "report.json").read_text())
+  assert report["n_runs"] == 9
+  assert (workdir / "fit" / "loss_vs_compute.png").exists()
