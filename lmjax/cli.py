@@ -25,6 +25,12 @@ def run_main(main: Callable, *, config_required: bool = False, workdir: bool = F
       "--config.section.field=value.", lock_config=True)
   if workdir:
     flags.DEFINE_string("workdir", None, "Directory of the run (checkpoints, metrics).")
+  flags.DEFINE_bool("distributed", False, "Multi-host: call jax.distributed.initialize() "
+                    "(Cloud TPU pods and SLURM/GKE clusters detect their peers themselves).")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process "
+                      "runs JAX cannot detect (e.g. several processes on localhost).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
   def parse(argv):
     try:
@@ -42,6 +48,29 @@ def run_main(main: Callable, *, config_required: bool = False, workdir: bool = F
     from absl import logging
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
       logging.set_verbosity(logging.WARNING)
-    return run_cli(main, argv)
+    return run_cli(lambda a: (init_distributed(flags.FLAGS), main(a))[1], argv)
 
   app.run(quiet_main, flags_parser=parse)
+
+
+def init_distributed(flag_values) -> None:
+  """Joins a multi-process JAX run when asked; a no-op for a single process."""
+  from lmjax.errors import ConfigError, require
+  explicit = flag_values.coordinator_address is not None
+  if not (explicit or flag_values.distributed):
+    return
+  import jax
+  if explicit:
+    require(flag_values.num_processes and flag_values.process_id is not None,
+            "--coordinator_address needs --num_processes and --process_id too.", ConfigError)
+    require(0 <= flag_values.process_id < flag_values.num_processes,
+            f"--process_id={flag_values.process_id} must be in [0, --num_processes="
+            f"{flag_values.num_processes}).", ConfigError)
+  # CPU processes need a collectives backend to talk to each other (no effect on TPU/GPU).
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address=flag_values.coordinator_address,
+                               num_processes=flag_values.num_processes,
+                               process_id=flag_values.process_id)
+  else:
+    jax.distributed.initialize()

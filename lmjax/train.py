@@ -240,10 +240,6 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
   data_lib.check_vocab(cfg.data, cfg.model.vocab_size)
   trainer = Trainer(cfg, mesh)
   total = trainer.total_steps
-  os.makedirs(workdir, exist_ok=True)
-  if is_main:
-    config_lib.save(cfg, os.path.join(workdir, "config.json"))
-
   pipeline = data_lib.make_pipeline(cfg.data, seq_len=cfg.train.seq_len,
                                     global_batch=cfg.train.global_batch, split="train",
                                     process_index=jax.process_index(),
@@ -253,6 +249,10 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
   eval_set = [sharding.global_batch_from_local(b, mesh) for b in eval_local]
+  # Everything a user can get wrong has been checked: only now touch the workdir.
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    config_lib.save(cfg, os.path.join(workdir, "config.json"))
   skips = SkipList(os.path.join(workdir, "skip_list.jsonl"), enabled=is_main)
   events = EventLog(os.path.join(workdir, "events.jsonl"), enabled=is_main)
 
