@@ -263,7 +263,9 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
   def restore():
     state, extras = checkpointer.restore(abstract_state=trainer.abstract_state,
                                          current_config=cfg_dict)
-    pipeline.set_state(extras["data"])
+    per_process = extras.get("data_per_process") or []
+    same_topology = len(per_process) == jax.process_count()
+    pipeline.set_state(per_process[jax.process_index()] if same_topology else extras["data"])
     return state, int(jax.device_get(state["step"])), int(extras.get("rollbacks", 0))
 
   rollbacks = 0
@@ -361,8 +363,9 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
       if step == total or stop or checkpointer.due(step):  # save() itself costs ms: ask first
         healthy = int(jax.device_get(state["guard"]["bad_streak"])) == 0
         if healthy or step == total or stop:  # rollbacks must land on a healthy state
-          extras = {"data": pipeline.get_state(), "config": cfg_dict, "rollbacks": rollbacks,
-                    "healthy": healthy}
+          positions = _all_processes(pipeline.get_state())  # TFDS positions are per process
+          extras = {"data": positions[0], "data_per_process": positions, "config": cfg_dict,
+                    "rollbacks": rollbacks, "healthy": healthy}
           checkpointer.save(step, state, extras, force=bool(stop), final=step == total)
         if stop and step < total:
           events.write({"event": "preempted", "step": step, "signal": stop.signum})
@@ -381,6 +384,19 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
       "final_eval_loss": last_eval, "wall_s": time.time() - t_start,
       "compile_s": compile_s, "skipped_steps": len(skips), "rollbacks": rollbacks,
   }
+
+
+def _all_processes(obj: Any) -> list:
+  """Every process's JSON-able `obj`, in process order (an all-gather of its bytes)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils
+  raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.int32(raw.size))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  everyone = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(everyone[i, :sizes[i]]).decode()) for i in range(len(sizes))]
 
 
 class SkipList:

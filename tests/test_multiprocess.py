@@ -1,5 +1,6 @@
 """Two JAX processes on localhost train exactly like one process with the same devices."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,19 +36,29 @@ def test_two_processes_equal_one(tmp_path):
                           env=_env(4), capture_output=True, text=True, timeout=300)
   assert single.returncode == 0, single.stderr[-3000:]
 
-  port = _free_port()
-  procs = [subprocess.Popen(cmd + [f"--workdir={tmp_path / 'multi'}", *ARGS,
-                                   f"--coordinator_address=localhost:{port}",
-                                   "--num_processes=2", f"--process_id={i}"],
-                            cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
+  def run_two_processes():
+    port = _free_port()
+    procs = [subprocess.Popen(cmd + [f"--workdir={tmp_path / 'multi'}", *ARGS,
+                                     f"--coordinator_address=localhost:{port}",
+                                     "--num_processes=2", f"--process_id={i}"],
+                              cwd=ROOT, env=_env(2), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+      assert p.returncode == 0, err[-3000:]
 
-  a, b = read_metrics(str(tmp_path / "single")), read_metrics(str(tmp_path / "multi"))
-  assert [r["step"] for r in b] == list(range(1, 13))  # process 0 alone writes metrics
-  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
-  np.testing.assert_allclose([r["eval_loss"] for r in b if "eval_loss" in r],
-                             [r["eval_loss"] for r in a if "eval_loss" in r], rtol=1e-5)
-  assert (tmp_path / "multi" / "checkpoints" / "12").is_dir()
+  def check_equal():
+    a, b = read_metrics(str(tmp_path / "single")), read_metrics(str(tmp_path / "multi"))
+    assert [r["step"] for r in b] == list(range(1, 13))  # process 0 alone writes metrics
+    np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-5)
+    np.testing.assert_allclose([r["eval_loss"] for r in b if "eval_loss" in r],
+                               [r["eval_loss"] for r in a if "eval_loss" in r], rtol=1e-5)
+
+  run_two_processes()
+  check_equal()
+  # Resume both processes from step 6 (each restores its own data position): same result.
+  final = tmp_path / "multi" / "checkpoints" / "12"
+  assert final.is_dir()
+  shutil.rmtree(final)
+  run_two_processes()
+  check_equal()
