@@ -95,7 +95,9 @@ class ProgressLine:
       self.first_step, self.start = step, time.time()
     rate = (step - self.first_step) / max(time.time() - self.start, 1e-9)
     eta = (self.total - step) / rate if rate > 0 else float("nan")
-    parts = [f"step {step}/{self.total}", f"loss {record['loss']:.4f}"]
+    loss = record.get("loss")
+    parts = [f"step {step}/{self.total}",
+             f"loss {loss:.4f}" if loss is not None else "loss (all skipped)"]
     if record.get("eval_loss") is not None:
       parts.append(f"eval {record['eval_loss']:.4f}")
     if record.get("tokens_per_s"):

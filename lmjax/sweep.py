@@ -42,12 +42,15 @@ def enable_compilation_cache(path: str) -> None:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_one(row: dict, workdir: str, stop: StopFlag | None) -> dict:
+HEARTBEAT_S = 30.0  # how often a training run tells the manifest it is alive
+
+
+def run_one(row: dict, workdir: str, stop: StopFlag | None, on_step=None) -> dict:
   """Trains one planned run (resuming if it has a checkpoint); returns manifest results."""
   from lmjax.train import train  # jax is imported only by processes that train
   cfg = config_lib.from_dict(Config, json.loads(row["config"]))
   run_dir = os.path.join(workdir, "runs", row["id"])
-  summary = train(cfg, run_dir, stop=stop)
+  summary = train(cfg, run_dir, stop=stop, on_step=on_step)
   evals = [r["eval_loss"] for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
   return {"achieved_flops": summary["flops"], "tokens": summary["tokens"],
           "final_eval_loss": summary["final_eval_loss"],
@@ -70,8 +73,16 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
     _say(f"[{_progress(manifest, ids)}] training {rid}: budget {row['budget']:.3g} FLOPs, "
          f"N={row['n_params']:,}, D={row['planned_tokens']:,.0f} tokens")
     from lmjax.train import Diverged  # imports jax: only processes that train get here
+    last_beat = time.time()
+
+    def heartbeat(step, record, rid=rid):  # a live run must not look abandoned
+      nonlocal last_beat
+      if time.time() - last_beat > HEARTBEAT_S:
+        manifest.heartbeat(rid)
+        last_beat = time.time()
+
     try:
-      results = run_one(row, workdir, stop)
+      results = run_one(row, workdir, stop, on_step=heartbeat)
     except Preempted:
       manifest.release(rid)
       raise

@@ -39,9 +39,8 @@ from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
 State = dict  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key data}
 
-# Config keys a resumed run may change: where and how it runs, not what it computes.
-RESUMABLE_CHANGES = ("mesh", "checkpoint", "name", "train.eval_every", "train.log_every",
-                     "train.progress")
+# Config keys a resumed run may change: where and how it runs, its length, its mesh.
+RESUMABLE_CHANGES = ckpt_lib.DEFAULT_KEYS_THAT_MAY_CHANGE
 
 
 # ------------------------------------------------------------------------------ pure core
@@ -92,24 +91,30 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation) -> Callable:
     std = jnp.sqrt(jnp.maximum(guard["var"], 0.0))
     spike = ((guard["count"] >= g.spike_window) & (loss > guard["mean"] + g.spike_k * std)
              if g.spike_k else jnp.zeros((), bool))
-    if g.max_loss_factor:  # worse than uniform guessing by this factor: the model has diverged
-      spike = spike | (loss > g.max_loss_factor * math.log(cfg.model.vocab_size))
-    bad = nonfinite | spike | hparams["skip"]
-    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(bad, o, n), new, old)
+    # Worse than uniform guessing by this factor: the model has diverged.
+    exploded = (loss > g.max_loss_factor * math.log(cfg.model.vocab_size)
+                if g.max_loss_factor else jnp.zeros((), bool))
+    bad = nonfinite | spike | exploded        # evidence about this run's health
+    listed = hparams["skip"]                  # a batch known to be bad: skipped, not evidence
+    skip = bad | listed
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(skip, o, n), new, old)
     params = keep_old(params, state["params"])
     opt_state = keep_old(opt_state, state["opt_state"])
     delta = loss - guard["mean"]
     first = guard["count"] == 0
     new_guard = {  # exponentially weighted mean/variance of good losses
-        "mean": jnp.where(bad, guard["mean"], jnp.where(first, loss, guard["mean"] + ema * delta)),
-        "var": jnp.where(bad | first, guard["var"], (1 - ema) * (guard["var"] + ema * delta ** 2)),
-        "count": guard["count"] + jnp.where(bad, 0, 1),
-        "bad_streak": jnp.where(bad, guard["bad_streak"] + 1, 0),
+        "mean": jnp.where(skip, guard["mean"],
+                          jnp.where(first, loss, guard["mean"] + ema * delta)),
+        "var": jnp.where(skip | first, guard["var"],
+                         (1 - ema) * (guard["var"] + ema * delta ** 2)),
+        "count": guard["count"] + jnp.where(skip, 0, 1),
+        "bad_streak": jnp.where(bad, guard["bad_streak"] + 1,
+                                jnp.where(listed, guard["bad_streak"], 0)),
     }
     metrics = {
         "loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
-        "lr": lr, "real_tokens": acc.num_tokens, "skipped": bad, "nonfinite": nonfinite,
-        "spike": spike, "bad_streak": new_guard["bad_streak"],
+        "lr": lr, "real_tokens": acc.num_tokens, "skipped": skip, "nonfinite": nonfinite,
+        "spike": spike, "exploded": exploded, "bad_streak": new_guard["bad_streak"],
     }
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state,
                      guard=new_guard)
@@ -125,6 +130,9 @@ def init_guard_state() -> dict:
 
 class Diverged(Exception):
   """The run kept producing bad steps after the allowed rollbacks."""
+
+
+EXIT_DIVERGED = 3  # python -m lmjax.train: 0 done, 2 bad input, 3 diverged, 75 requeue
 
 
 def make_eval_step(cfg: Config) -> Callable:
@@ -290,6 +298,39 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
   last_eval = None
   compile_s = None
   step = start_step
+
+  def flush() -> tuple[dict, int]:
+    """Fetches the pending steps' metrics (the only host sync), records their skips, and
+    returns the log record of the interval and the current bad-step streak."""
+    nonlocal pending
+    host = jax.device_get([m for _, _, m in pending])
+    for (s, pos, _), m in zip(pending, host):
+      if m["skipped"]:
+        reason = ("nonfinite" if m["nonfinite"] else "exploded" if m["exploded"]
+                  else "spike" if m["spike"] else "listed")
+        skips.add(s, pos, reason, float(m["loss"]))
+    pending = []
+    good = [m for m in host if not m["skipped"]]
+    elapsed = max(time.time() - interval_start, 1e-9)
+    record = {
+        "step": step,
+        "loss": float(np.mean([m["loss"] for m in good])) if good else None,
+        "grad_norm": float(host[-1]["grad_norm"]),
+        "param_norm": float(host[-1]["param_norm"]),
+        "lr": float(host[-1]["lr"]),
+        "tokens": step * tokens_per_step,
+        "flops": step * tokens_per_step * flops_per_token,
+        "skipped": int(sum(bool(m["skipped"]) for m in host)),
+    }
+    if record["loss"] is not None:
+      record["bits_per_token"] = record["loss"] / math.log(2)
+    if interval_steps:
+      tps = interval_steps * tokens_per_step / elapsed
+      record["tokens_per_s"] = tps
+      if math.isfinite(peak):
+        record["mfu"] = tps * hw_flops_per_token / peak
+    return record, int(host[-1]["bad_streak"])
+
   try:
     while step < total:
       t0 = time.time()
@@ -306,30 +347,7 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
       pending.append((step, position, metrics))
       is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
       if step % cfg.train.log_every == 0 or is_eval:
-        host = jax.device_get([m for _, _, m in pending])
-        for (s, pos, _), m in zip(pending, host):
-          if m["skipped"]:
-            reason = "nonfinite" if m["nonfinite"] else "spike" if m["spike"] else "listed"
-            skips.add(s, pos, reason, float(m["loss"]))
-        pending = []
-        good = [m for m in host if not m["skipped"]]
-        elapsed = max(time.time() - interval_start, 1e-9)
-        record = {
-            "step": step,
-            "loss": float(np.mean([m["loss"] for m in good])) if good else float("nan"),
-            "grad_norm": float(host[-1]["grad_norm"]),
-            "param_norm": float(host[-1]["param_norm"]),
-            "lr": float(host[-1]["lr"]),
-            "tokens": step * tokens_per_step,
-            "flops": step * tokens_per_step * flops_per_token,
-            "skipped": int(sum(bool(m["skipped"]) for m in host)),
-        }
-        record["bits_per_token"] = record["loss"] / math.log(2)
-        if interval_steps:
-          tps = interval_steps * tokens_per_step / elapsed
-          record["tokens_per_s"] = tps
-          record["mfu"] = tps * hw_flops_per_token / peak
-        streak = int(host[-1]["bad_streak"])
+        record, streak = flush()
         if cfg.guard.max_consecutive_bad and streak >= cfg.guard.max_consecutive_bad:
           # K bad steps in a row: back to the newest (healthy) checkpoint, with a lower lr.
           if rollbacks >= cfg.guard.max_rollbacks:
@@ -368,6 +386,8 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
                     "rollbacks": rollbacks, "healthy": healthy}
           checkpointer.save(step, state, extras, force=bool(stop), final=step == total)
         if stop and step < total:
+          if pending:  # steps since the last log are not recomputed after resume: keep them
+            writer.write(flush()[0])
           events.write({"event": "preempted", "step": step, "signal": stop.signum})
           raise Preempted(step, stop.signum)
   finally:  # an interrupted run still finishes its async save and closes its files
@@ -469,6 +489,10 @@ def main(argv):
     except Preempted as e:
       print(f"lmjax: {e}", file=sys.stderr)
       sys.exit(EXIT_REQUEUE)
+    except Diverged as e:
+      print(f"lmjax: run diverged: {e}; see {flags_.workdir}/events.jsonl, lower the "
+            "learning rate or change the guard settings.", file=sys.stderr)
+      sys.exit(EXIT_DIVERGED)
   print(json.dumps(summary))
 
 

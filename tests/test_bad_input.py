@@ -1,27 +1,18 @@
 """Every door rejects bad input with one line naming the fix: no traceback, exit status 2,
 and nothing in the workdir damaged. (Issue: at least 30 malformed inputs.)"""
-import hashlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.util import tree_hash
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "configs" / "smoke.py"
 TINY_SWEEP = ROOT / "experiments" / "configs" / "sweeps" / "tiny.py"
-
-
-def _tree_hash(path: Path) -> str:
-  h = hashlib.sha256()
-  for p in sorted(path.rglob("*")):
-    h.update(str(p.relative_to(path)).encode())
-    if p.is_file():
-      h.update(p.read_bytes())
-  return h.hexdigest()
 
 
 def _cases(tmp: Path):
@@ -120,7 +111,7 @@ def test_malformed_inputs_get_one_line_and_damage_nothing(tmp_path):
   assert len(cases) >= 30
   (tmp_path / "files" / "garbage_sweep").mkdir()
   (tmp_path / "files" / "garbage_sweep" / "manifest.sqlite").write_bytes(b"not sqlite" * 20)
-  before = _tree_hash(tmp_path / "files")
+  before = tree_hash(tmp_path / "files")
   payload = [{"module": m, "argv": argv, "env": {"JAX_PLATFORMS": "cpu"}}
              for _, m, argv, _ in cases]
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu",
@@ -138,7 +129,7 @@ def test_malformed_inputs_get_one_line_and_damage_nothing(tmp_path):
     if not ok:
       failures.append(f"{name}: rc={res['rc']} stderr={res['stderr'][-600:]!r}")
   assert not failures, "\n".join(failures)
-  assert _tree_hash(tmp_path / "files") == before  # inputs untouched
+  assert tree_hash(tmp_path / "files") == before  # inputs untouched
   work = tmp_path / "work"
   leftovers = sorted(p.name for p in work.iterdir()) if work.exists() else []
   assert leftovers == [], f"bad input left workdirs behind: {leftovers}"

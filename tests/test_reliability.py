@@ -54,6 +54,11 @@ class _NanAt:
     monkeypatch.setattr(data_lib, "make_pipeline", make)
 
 
+def _losses(records):
+  """Logged losses; an interval whose steps were all skipped logs None (no loss to report)."""
+  return np.array([np.nan if r["loss"] is None else r["loss"] for r in records])
+
+
 def _skip_list(workdir):
   path = Path(workdir) / "skip_list.jsonl"
   return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
@@ -90,7 +95,8 @@ def test_nan_batch_is_skipped_and_stays_skipped_after_resume(tmp_path, monkeypat
   records = {r["step"]: r for r in read_metrics(str(work))}
   assert records[10]["skipped"] == 1
   a, b = read_metrics(str(tmp_path / "poisoned")), read_metrics(str(work))
-  np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+  assert records[10]["loss"] is None  # the only step of its interval was skipped
+  np.testing.assert_allclose(_losses(b), _losses(a), rtol=1e-6)
   assert resumed["final_eval_loss"] == pytest.approx(poisoned["final_eval_loss"], rel=1e-6)
 
 
@@ -205,3 +211,56 @@ def test_corrupt_latest_checkpoint_falls_back_and_run_continues(tmp_path, fault)
   assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], rel=1e-6)
   a, b = read_metrics(str(tmp_path / "straight")), read_metrics(str(work))
   np.testing.assert_allclose([r["loss"] for r in b], [r["loss"] for r in a], rtol=1e-6)
+
+
+def test_listed_skips_are_not_evidence_of_divergence(tmp_path):
+  # Batches in the skip list are skipped on purpose: a run replaying three listed steps in a
+  # row must not mistake them for a divergence streak and roll back.
+  cfg = _tiny(steps=12)
+  cfg = dataclasses.replace(cfg, guard=dataclasses.replace(cfg.guard, max_consecutive_bad=3))
+  tmp_path.mkdir(exist_ok=True)
+  (tmp_path / "skip_list.jsonl").write_text(
+      "".join(json.dumps({"step": s, "reason": "nonfinite"}) + "\n" for s in (3, 4, 5)))
+  summary = train(cfg, str(tmp_path))
+  assert summary["rollbacks"] == 0 and np.isfinite(summary["final_eval_loss"])
+  records = {r["step"]: r for r in read_metrics(str(tmp_path))}
+  assert [records[s]["skipped"] for s in (2, 3, 4, 5, 6)] == [0, 1, 1, 1, 0]
+  assert not (tmp_path / "events.jsonl").exists()
+
+
+def test_loss_spike_is_detected_and_skipped(tmp_path, monkeypatch):
+  cfg = _tiny(steps=30)
+  cfg = dataclasses.replace(cfg, guard=dataclasses.replace(cfg.guard, spike_window=5,
+                                                           spike_k=4.0))
+  real = data_lib.make_pipeline
+
+  def make(*args, **kwargs):  # step 25's targets are shuffled: a finite loss spike
+    pipe = real(*args, **kwargs)
+    inner = pipe.next
+
+    def next_batch():
+      position = pipe.get_state()["step"]
+      batch = inner()
+      if kwargs.get("split", "train") == "train" and position + 1 == 25:
+        rng = np.random.default_rng(0)
+        batch = dict(batch, targets=rng.integers(0, 256, batch["targets"].shape).astype(np.int32))
+      return batch
+
+    pipe.next = next_batch
+    return pipe
+
+  monkeypatch.setattr(data_lib, "make_pipeline", make)
+  train(cfg, str(tmp_path))
+  assert [(s["step"], s["reason"]) for s in _skip_list(tmp_path)] == [(25, "spike")]
+
+
+def test_cli_exits_3_with_one_line_when_the_run_diverges(tmp_path):
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  proc = subprocess.run(_train_cmd(tmp_path, "--config.optim.lr=100",
+                                   "--config.guard.max_consecutive_bad=3",
+                                   "--config.guard.max_rollbacks=1"),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  # Rollback warnings come first (they are the history); the verdict is the last line.
+  assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  assert lines[-1].startswith("lmjax: run diverged") and "rolled back" in proc.stderr

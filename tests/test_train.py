@@ -1,6 +1,5 @@
 """The training loop end to end: the smoke config learns, resume is exact, bad input is one line."""
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -15,6 +14,7 @@ from lmjax import config as config_lib
 from lmjax.config import Config
 from lmjax.metrics import read_metrics
 from lmjax.train import train
+from tests.util import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "configs" / "smoke.py"
@@ -90,15 +90,6 @@ def _assert_one_line_error(proc, fragment):
   assert fragment in lines[0], lines[0]
 
 
-def _tree_hash(path: Path) -> str:
-  h = hashlib.sha256()
-  for p in sorted(path.rglob("*")):
-    h.update(str(p.relative_to(path)).encode())
-    if p.is_file():
-      h.update(p.read_bytes())
-  return h.hexdigest()
-
-
 def test_cli_unknown_config_key_is_one_line(tmp_path):
   proc = _cli(f"--config={SMOKE}", f"--workdir={tmp_path}", "--config.model.d_modle=32")
   _assert_one_line_error(proc, "d_modle")
@@ -127,8 +118,8 @@ def test_cli_bad_values_are_one_line(tmp_path):
 def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
   cfg = _tiny(steps=4, log_every=2)
   train(cfg, str(tmp_path))
-  before = _tree_hash(tmp_path)
+  before = tree_hash(tmp_path)
   proc = _cli(f"--config={SMOKE}", f"--workdir={tmp_path}", "--config.model.d_model=48",
               "--config.train.progress=false")
   _assert_one_line_error(proc, "model.d_model")
-  assert _tree_hash(tmp_path) == before
+  assert tree_hash(tmp_path) == before
