@@ -118,17 +118,18 @@ def tokens_for_budget(cfg: ModelConfig, seq_len: int, flops: float, convention: 
 
 
 # Dense peak FLOP/s per chip, from the vendors' data sheets (no structured sparsity).
-# XLA:TPU's default matmul precision runs f32 operands as single bf16 passes, so an f32
-# program on TPU reaches the bf16 peak; we therefore list the bf16 figure for TPU f32.
-# NVIDIA f32 is the non-tensor-core (IEEE FP32) rate; TF32 is listed separately.
+# "float32" is the peak an f32 program can reach at JAX's default matmul precision, which
+# computes f32 dots in bf16 passes on TPU and in TF32 on NVIDIA Ampere and newer: so TPU f32
+# lists the bf16 figure and NVIDIA f32 the TF32 figure (otherwise MFU could exceed 1).
+# "fp32_ieee" is the true-f32 rate, for runs with jax_default_matmul_precision="highest".
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "tpu_v4": {"bfloat16": 275e12, "float32": 275e12},
     "tpu_v5e": {"bfloat16": 197e12, "float32": 197e12},
     "tpu_v5p": {"bfloat16": 459e12, "float32": 459e12},
     "tpu_v6e": {"bfloat16": 918e12, "float32": 918e12},
-    "a100": {"bfloat16": 312e12, "float32": 19.5e12, "tf32": 156e12},
-    "h100": {"bfloat16": 989e12, "float32": 67e12, "tf32": 494.5e12},   # SXM
-    "h200": {"bfloat16": 989e12, "float32": 67e12, "tf32": 494.5e12},
+    "a100": {"bfloat16": 312e12, "float32": 156e12, "fp32_ieee": 19.5e12},
+    "h100": {"bfloat16": 989e12, "float32": 494.5e12, "fp32_ieee": 67e12},   # SXM
+    "h200": {"bfloat16": 989e12, "float32": 494.5e12, "fp32_ieee": 67e12},
 }
 
 _KIND_PATTERNS = (  # jax Device.device_kind strings -> PEAK_FLOPS keys
