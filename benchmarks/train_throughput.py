@@ -1,0 +1,454 @@
+"""Train-step throughput of lmjax against a PyTorch reference of the same model, on CPU.
+
+Prints one JSON document: the machine, and for each (config, dtype) the tokens/s of lmjax's
+real jit-compiled train step (lmjax.train.Trainer) and of an eager PyTorch model with the
+same architecture, initialisation scale and AdamW settings, their ratio, achieved FLOP/s
+(lmjax.flops "6N" and "matmul" conventions), MFU against matmul peaks measured in the same
+process, and compile (first-step) times.
+
+The machine is shared and noisy, so the two frameworks are timed in the same invocation in
+alternating rounds (the order flips every round) and the figures are medians over rounds;
+the ratio is also given as the median of per-round ratios, which cancels slow drifts.
+
+  PYTHONPATH=. python benchmarks/train_throughput.py                       # ~5 minutes
+  PYTHONPATH=. python benchmarks/train_throughput.py --configs=small --dtypes=float32 \
+      --variants='default;attention=dot_product_attention' --out=/tmp/bench.json
+
+torch is the optional `bench` extra (pip install -e .[bench]); without it only lmjax runs.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import flops as flops_lib
+from lmjax import sharding
+from lmjax.config import Config, TrainConfig
+from lmjax.model import ModelConfig
+from lmjax.optim import OptimConfig
+from lmjax.train import Trainer
+
+# libgomp's default active wait makes torch's 2-thread step ~15x slower when other processes
+# share the cores (measured: 400 vs 6000 tokens/s on 'baby'); passive waiting keeps the
+# reference honest on a shared machine. Must be set before torch loads its OpenMP runtime.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+  import torch
+  import torch.nn.functional as F
+except ImportError:  # the bench extra is optional; lmjax still gets measured
+  torch = None
+
+# nanoGPT's CPU configurations (its README's "baby GPT" for a MacBook, and a small GPT of
+# the shakespeare_char family), dropout off. Default steps per timing round keep one round
+# of one framework at roughly 1-3 s on a 2-core machine.
+CONFIGS = {
+    "baby": dict(n_layers=4, n_heads=4, d_model=128, seq_len=64, batch=12, vocab=65, steps=20),
+    "small": dict(n_layers=6, n_heads=6, d_model=384, seq_len=256, batch=16, vocab=65, steps=1),
+}
+DTYPES = ("float32", "bfloat16")
+
+# Optimizer settings shared by both sides (lmjax's defaults, written out so the torch side
+# copies them explicitly): AdamW, decoupled decay on weight matrices only, clipping at 1.0,
+# cosine schedule over a long run so the lr never reaches its floor during the benchmark.
+OPTIM = OptimConfig(lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, schedule="cosine",
+                    warmup_steps=0, final_lr_frac=0.1, clip_norm=1.0)
+TOTAL_STEPS = 100_000
+
+
+# --------------------------------------------------------------------------------- machine
+
+def machine_info() -> dict[str, Any]:
+  cpu = platform.processor()
+  flags = []
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and cpu in ("", platform.machine()):
+          cpu = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and not flags:
+          flags = line.split(":", 1)[1].split()
+  except OSError:
+    pass
+  info = {
+      "cpu": cpu,
+      "cores": os.cpu_count(),
+      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      # The ISA features that decide which matmul kernels the libraries can use.
+      "isa": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "torch": torch.__version__ if torch else None,
+      "torch_threads": torch.get_num_threads() if torch else None,
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+  }
+  import flax
+  import optax
+  info["flax"], info["optax"] = flax.__version__, optax.__version__
+  return info
+
+
+# ----------------------------------------------------------------------------- matmul peaks
+
+def jax_matmul_peak(dtype: str) -> float:
+  # lru_cache'd in lmjax; __wrapped__ re-measures, so peaks taken at the start and the end
+  # of a run both count (the best of them is the machine's practical peak).
+  return flops_lib.measure_matmul_peak.__wrapped__(dtype)
+
+
+def torch_matmul_peak(dtype: str, n: int = 1024, repeats: int = 10) -> float:
+  """The same measurement as lmjax.flops.measure_matmul_peak, with torch's kernels."""
+  dt = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+  g = torch.Generator().manual_seed(0)
+  a = torch.randn(n, n, generator=g).to(dt)
+  b = torch.randn(n, n, generator=g).to(dt)
+  torch.mm(a, b)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    torch.mm(a, b)
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 / best
+
+
+# ------------------------------------------------------------------------------ lmjax side
+
+def model_config(shape: dict, dtype: str, overrides: dict[str, Any]) -> ModelConfig:
+  cfg = ModelConfig(vocab_size=shape["vocab"], d_model=shape["d_model"],
+                    n_layers=shape["n_layers"], n_heads=shape["n_heads"],
+                    max_len=shape["seq_len"], position="learned", mlp="gelu",
+                    norm="layernorm", norm_position="pre", tie_embeddings=True, dtype=dtype)
+  return dataclasses.replace(cfg, **overrides)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """'attention=dot_product_attention,scan_layers=true' -> ModelConfig field values."""
+  out: dict[str, Any] = {}
+  if text in ("", "default"):
+    return out
+  types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in types:
+      raise SystemExit(f"unknown ModelConfig field {key!r} in variant {text!r}")
+    kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(types[key]), str)
+    out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return out
+
+
+class LmjaxRunner:
+  """lmjax's real Trainer on a one-device mesh, fed pre-placed random batches."""
+
+  def __init__(self, shape: dict, dtype: str, overrides: dict[str, Any], batches: list):
+    self.cfg = Config(model=model_config(shape, dtype, overrides), optim=OPTIM,
+                      mesh=sharding.MeshConfig(data=1),
+                      train=TrainConfig(global_batch=shape["batch"], seq_len=shape["seq_len"],
+                                        steps=TOTAL_STEPS, progress=False))
+    mesh = sharding.make_mesh(self.cfg.mesh, jax.devices()[:1])
+    self.trainer = Trainer(self.cfg, mesh)
+    self.state = self.trainer.init_state()
+    self.batches = [sharding.global_batch_from_local(b, mesh) for b in batches]
+    self.i = 0
+
+  def first_step(self) -> float:
+    """Seconds for the first step: tracing + XLA compilation + one step."""
+    start = time.perf_counter()
+    self.run(1)
+    return time.perf_counter() - start
+
+  def run(self, steps: int) -> float:
+    start = time.perf_counter()
+    metrics = None
+    for _ in range(steps):
+      self.state, metrics = self.trainer.step(self.state, self.batches[self.i % len(self.batches)])
+      self.i += 1
+    jax.block_until_ready((self.state, metrics))
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+      raise RuntimeError(f"lmjax loss is {loss}")
+    self.last_loss = loss
+    return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ torch side
+
+if torch is not None:
+
+  class TorchBlock(torch.nn.Module):
+    """Pre-norm block of lmjax/model.py: no biases in linears, LayerNorm with bias."""
+
+    def __init__(self, d: int, h: int, f: int, eps: float):
+      super().__init__()
+      self.h = h
+      self.ln1 = torch.nn.LayerNorm(d, eps=eps)
+      self.qkv = torch.nn.Linear(d, 3 * d, bias=False)  # nanoGPT's fused c_attn
+      self.proj = torch.nn.Linear(d, d, bias=False)
+      self.ln2 = torch.nn.LayerNorm(d, eps=eps)
+      self.up = torch.nn.Linear(d, f, bias=False)
+      self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+      b, t, d = x.shape
+      q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+      q, k, v = (z.view(b, t, self.h, d // self.h).transpose(1, 2) for z in (q, k, v))
+      o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+      x = x + self.proj(o.transpose(1, 2).reshape(b, t, d))
+      return x + self.down(F.gelu(self.up(self.ln2(x)), approximate="tanh"))
+
+  class TorchGPT(torch.nn.Module):
+    """lmjax's Transformer (learned positions, gelu, layernorm, pre-norm, tied head)."""
+
+    def __init__(self, mc: ModelConfig):
+      super().__init__()
+      d, L = mc.d_model, mc.n_layers
+      self.embedding = torch.nn.Parameter(torch.empty(mc.vocab_size, d))
+      self.pos_embedding = torch.nn.Parameter(torch.empty(mc.max_len, d))
+      self.blocks = torch.nn.ModuleList(
+          TorchBlock(d, mc.n_heads, mc.ff_dim, mc.norm_eps) for _ in range(L))
+      self.final_norm = torch.nn.LayerNorm(d, eps=mc.norm_eps)
+      # lmjax's init: N(0, 1/fan_in) everywhere, output projections further scaled by
+      # 1/sqrt(2L); LayerNorm scale 1, bias 0.
+      out_scale = 1.0 / math.sqrt(2 * L)
+      with torch.no_grad():
+        self.embedding.normal_(0.0, 1.0 / math.sqrt(d))
+        self.pos_embedding.normal_(0.0, 1.0 / math.sqrt(d))
+        for blk in self.blocks:
+          blk.qkv.weight.normal_(0.0, 1.0 / math.sqrt(d))
+          blk.up.weight.normal_(0.0, 1.0 / math.sqrt(d))
+          blk.proj.weight.normal_(0.0, out_scale / math.sqrt(d))
+          blk.down.weight.normal_(0.0, out_scale / math.sqrt(mc.ff_dim))
+
+    def forward(self, tokens):
+      t = tokens.shape[1]
+      x = self.embedding[tokens] + self.pos_embedding[:t]
+      for blk in self.blocks:
+        x = blk(x)
+      return self.final_norm(x) @ self.embedding.t()   # tied logits
+
+  class TorchRunner:
+    """Eager PyTorch train step: forward, mean CE, backward, clip, AdamW, schedule."""
+
+    def __init__(self, mc: ModelConfig, dtype: str, batches: list, adamw_impl: str,
+                 threads: int):
+      self.threads = threads
+      torch.manual_seed(0)
+      self.model = TorchGPT(mc)
+      self.autocast = dtype == "bfloat16"
+      decay = [p for n, p in self.model.named_parameters() if p.ndim == 2 and "embedding" not in n]
+      no_decay = [p for n, p in self.model.named_parameters()
+                  if not (p.ndim == 2 and "embedding" not in n)]
+      kwargs = {"fused": True} if adamw_impl == "fused" else {"foreach": adamw_impl == "foreach"}
+      # lr is schedule(step) * OPTIM.lr; decay is lr * wd * param, as optax.add_decayed_weights
+      # followed by scale_by_learning_rate (and torch's AdamW) both do.
+      self.opt = torch.optim.AdamW(
+          [{"params": decay, "weight_decay": OPTIM.weight_decay},
+           {"params": no_decay, "weight_decay": 0.0}],
+          lr=OPTIM.lr, betas=(OPTIM.b1, OPTIM.b2), eps=OPTIM.eps, **kwargs)
+      f = OPTIM.final_lr_frac
+      self.sched = torch.optim.lr_scheduler.LambdaLR(
+          self.opt, lambda s: f + (1 - f) * 0.5 * (1 + math.cos(math.pi * min(s / TOTAL_STEPS, 1))))
+      self.batches = [{k: torch.from_numpy(v) for k, v in b.items()} for b in batches]
+      for b in self.batches:
+        b["inputs"], b["targets"] = b["inputs"].long(), b["targets"].long()
+      self.i = 0
+
+    def step(self, batch):
+      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+        logits = self.model(batch["inputs"])
+      loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+      self.opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), OPTIM.clip_norm)
+      self.opt.step()
+      self.sched.step()
+      return loss.detach()
+
+    def first_step(self) -> float:
+      start = time.perf_counter()
+      self.run(1)
+      return time.perf_counter() - start
+
+    def run(self, steps: int) -> float:
+      torch.set_num_threads(self.threads)
+      start = time.perf_counter()
+      for _ in range(steps):
+        loss = self.step(self.batches[self.i % len(self.batches)])
+        self.i += 1
+      loss = loss.item()
+      if not math.isfinite(loss):
+        raise RuntimeError(f"torch loss is {loss}")
+      self.last_loss = loss
+      return time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------ benchmark
+
+def make_batches(shape: dict, n: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    tok = rng.integers(0, shape["vocab"], (shape["batch"], shape["seq_len"] + 1), np.int32)
+    out.append({"inputs": tok[:, :-1], "targets": tok[:, 1:],
+                "mask": np.ones((shape["batch"], shape["seq_len"]), np.float32)})
+  return out
+
+
+def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: int,
+              adamw_impl: str, torch_threads: list[int], peaks: dict) -> dict[str, Any]:
+  shape = CONFIGS[name]
+  tokens_per_step = shape["batch"] * shape["seq_len"]
+  batches = make_batches(shape)
+  runners: dict[str, Any] = {}
+  compile_s: dict[str, float] = {}
+  for v in variants:
+    label = f"lmjax[{v}]" if len(variants) > 1 else "lmjax"
+    runners[label] = LmjaxRunner(shape, dtype, parse_overrides(v), batches)
+    compile_s[label] = runners[label].first_step()
+  base_mc = model_config(shape, dtype, {})
+  torch_labels = []
+  if torch is not None:
+    for n in torch_threads:
+      label = f"torch[threads={n}]" if len(torch_threads) > 1 else "torch"
+      torch_labels.append(label)
+      runners[label] = TorchRunner(base_mc, dtype, batches, adamw_impl, n)
+      compile_s[label] = runners[label].first_step()  # eager: no compile, warm-up only
+  for r in runners.values():  # one untimed warm-up round each (caches, allocator, threads)
+    r.run(max(1, steps // 2))
+
+  times: dict[str, list[float]] = {k: [] for k in runners}
+  labels = list(runners)
+  for i in range(rounds):
+    order = labels if i % 2 == 0 else labels[::-1]   # alternate who goes first
+    for label in order:
+      times[label].append(runners[label].run(steps))
+
+  fpt = {conv: flops_lib.flops_per_token(base_mc, shape["seq_len"], conv)
+         for conv in ("6N", "matmul")}
+  results: dict[str, Any] = {}
+  for label, ts in times.items():
+    tps = [steps * tokens_per_step / t for t in ts]
+    med = statistics.median(tps)
+    fw = "torch" if label in torch_labels else "jax"
+    res = {
+        "tokens_per_s": med,
+        "tokens_per_s_rounds": [round(x, 1) for x in tps],
+        "step_ms": 1000 * statistics.median(ts) / steps,
+        "compile_s" if fw == "jax" else "first_step_s": compile_s[label],
+        "flops_per_s_6N": med * fpt["6N"],
+        "flops_per_s_matmul": med * fpt["matmul"],
+        # MFU of the hardware (matmul) FLOPs, against the same dtype's measured matmul peak:
+        # that framework's own peak, and the best of both frameworks.
+        "mfu_matmul": med * fpt["matmul"] / peaks[fw][dtype],
+        "mfu_matmul_vs_best_peak": med * fpt["matmul"] / max(p[dtype] for p in peaks.values()),
+        "mfu_6N": med * fpt["6N"] / peaks[fw][dtype],
+        "final_loss": runners[label].last_loss,
+    }
+    results[label] = res
+  best_torch = None
+  if torch_labels:  # the reference is torch's best thread setting
+    best_torch = max(torch_labels, key=lambda k: results[k]["tokens_per_s"])
+    for label in times:
+      if label in torch_labels:
+        continue
+      results[label]["ratio_vs_torch"] = (results[label]["tokens_per_s"]
+                                          / results[best_torch]["tokens_per_s"])
+      results[label]["ratio_vs_torch_per_round_median"] = statistics.median(
+          t_torch / t_jax for t_jax, t_torch in zip(times[label], times[best_torch]))
+  return {"config": name, "dtype": dtype, "shape": shape, "steps_per_round": steps,
+          "torch_reference": best_torch,
+          "rounds": rounds, "tokens_per_step": tokens_per_step,
+          "params": dataclasses.asdict(flops_lib.param_counts(base_mc)),
+          "flops_per_token": fpt, "results": results}
+
+
+def measure_peaks(dtypes: list[str]) -> dict[str, dict[str, float]]:
+  peaks = {"jax": {d: jax_matmul_peak(d) for d in dtypes}}
+  if torch is not None:
+    peaks["torch"] = {d: torch_matmul_peak(d) for d in dtypes}
+  return peaks
+
+
+def main(argv: list[str] | None = None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--configs", default="baby,small", help=f"comma list of {sorted(CONFIGS)}")
+  p.add_argument("--dtypes", default="float32,bfloat16", help="comma list of float32,bfloat16")
+  p.add_argument("--steps", type=int, default=0,
+                 help="train steps per timing round per framework (0: per-config default)")
+  p.add_argument("--rounds", type=int, default=5, help="alternating timing rounds")
+  p.add_argument("--variants", default="default",
+                 help="';'-separated lmjax ModelConfig overrides timed side by side, e.g. "
+                      "'default;attention=dot_product_attention;scan_layers=true'")
+  p.add_argument("--torch_adamw", default="fused", choices=("fused", "foreach", "forloop"),
+                 help="torch AdamW implementation (fused is its fastest on CPU)")
+  p.add_argument("--torch_threads", default="",
+                 help="comma list of torch thread counts, each timed; the fastest is the "
+                      "reference (default: torch's own default, one per core)")
+  p.add_argument("--out", default="", help="also write the JSON here")
+  args = p.parse_args(argv)
+
+  configs = [c for c in args.configs.split(",") if c]
+  dtypes = [d for d in args.dtypes.split(",") if d]
+  for c in configs:
+    if c not in CONFIGS:
+      raise SystemExit(f"unknown config {c!r}; choose from {sorted(CONFIGS)}")
+  for d in dtypes:
+    if d not in DTYPES:
+      raise SystemExit(f"unknown dtype {d!r}; choose from {DTYPES}")
+  variants = args.variants.split(";")
+  torch_threads = ([int(n) for n in args.torch_threads.split(",") if n] if args.torch_threads
+                   else [torch.get_num_threads() if torch else 1])
+
+  t0 = time.time()
+  report: dict[str, Any] = {"machine": machine_info(), "command": " ".join(sys.argv),
+                            "args": vars(args), "optim": dataclasses.asdict(OPTIM)}
+  peaks_start = measure_peaks(dtypes)
+  runs = []
+  for name in configs:
+    for dtype in dtypes:
+      steps = args.steps or CONFIGS[name]["steps"]
+      runs.append(bench_one(name, dtype, variants, steps, args.rounds, args.torch_adamw,
+                            torch_threads, peaks_start))
+      print(f"# {name} {dtype}: " + ", ".join(
+          f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in runs[-1]["results"].items()),
+            file=sys.stderr, flush=True)
+  peaks_end = measure_peaks(dtypes)
+  # The machine's practical peak is the best of the two measurements; MFU above used the
+  # start-of-run figure, so recompute it against the best one.
+  peaks = {fw: {d: max(peaks_start[fw][d], peaks_end[fw][d]) for d in dtypes}
+           for fw in peaks_start}
+  for run in runs:
+    for label, res in run["results"].items():
+      fw = "torch" if label.startswith("torch") else "jax"
+      peak = peaks[fw][run["dtype"]]
+      res["mfu_matmul"] = res["flops_per_s_matmul"] / peak
+      res["mfu_6N"] = res["flops_per_s_6N"] / peak
+      res["mfu_matmul_vs_best_peak"] = (res["flops_per_s_matmul"]
+                                        / max(p[run["dtype"]] for p in peaks.values()))
+  report["matmul_peak_flops"] = {"start": peaks_start, "end": peaks_end, "used": peaks}
+  report["runs"] = runs
+  report["wall_s"] = time.time() - t0
+  text = json.dumps(report, indent=1)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text + "\n")
+  return report
+
+
+if __name__ == "__main__":
+  main()
