@@ -173,3 +173,23 @@ def test_sweep_killed_midway_resumes_without_redoing_finished_runs(tmp_path):
   report = json.loads((workdir / "fit" / "report.json").read_text())
   assert report["n_runs"] == 9
   assert (workdir / "fit" / "loss_vs_compute.png").exists()
+
+
+def test_parallel_worker_processes_run_every_run_exactly_once(tmp_path):
+  # sweep.workers=2: two sweep processes drain one manifest; each run is trained once.
+  workdir = tmp_path / "sweep"
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  cmd = _sweep_cmd(workdir, tmp_path / "cache") + [
+      "--config.workers=2", "--config.budgets=(2e9,4e9)", "--config.sizes_per_budget=2",
+      "--skip_fit"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = _statuses(workdir)
+  assert len(rows) == 4
+  assert all(status == "done" and attempts == 1 for status, attempts, _ in rows.values()), rows
+  db = sqlite3.connect(str(workdir / "manifest.sqlite"))
+  assert len({r[0] for r in db.execute("SELECT owner FROM runs")}) == 1  # owners cleared
+  for rid in rows:  # each run trained in exactly one place, start to finish
+    metrics = (workdir / "runs" / rid / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(l)["step"] for l in metrics]
+    assert steps == sorted(set(steps))
