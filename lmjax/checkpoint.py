@@ -30,6 +30,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import os
 import time
 from typing import Any, Iterable, Sequence
 
@@ -312,7 +313,10 @@ class Checkpointer:
 
   def __init__(self, workdir: Any, cfg: CheckpointConfig | None = None, *,
                keys_that_may_change: Sequence[str] = DEFAULT_KEYS_THAT_MAY_CHANGE):
-    self.workdir = epath.Path(workdir)
+    # orbax needs absolute paths; a user's relative --workdir is resolved against the cwd
+    # (URLs such as gs://bucket/run are absolute already).
+    workdir = str(workdir)
+    self.workdir = epath.Path(workdir if "://" in workdir else os.path.abspath(workdir))
     self.directory = self.workdir / CHECKPOINT_SUBDIR
     self.cfg = cfg or CheckpointConfig()
     self.keys_that_may_change = tuple(keys_that_may_change)

@@ -167,6 +167,7 @@ def main(argv) -> None:
   workdir = flags.FLAGS.workdir
   require(workdir, "--workdir is required: the sweep's directory (manifest, runs, fit).",
           ConfigError)
+  workdir = os.path.abspath(workdir)  # the manifest stores paths: keep them valid from anywhere
   saved_path = os.path.join(workdir, SWEEP_JSON)
   if flags.FLAGS.worker:
     require(os.path.exists(saved_path), f"--worker needs {saved_path}; start the sweep "

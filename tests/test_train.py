@@ -123,3 +123,23 @@ def test_incompatible_workdir_is_refused_and_untouched(tmp_path):
               "--config.train.progress=false")
   _assert_one_line_error(proc, "model.d_model")
   assert tree_hash(tmp_path) == before
+
+
+def test_cli_trains_in_a_relative_workdir(tmp_path):
+  # The README's commands use relative workdirs; orbax needs absolute checkpoint paths.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  args = [sys.executable, "-m", "lmjax.train", f"--config={SMOKE}", "--workdir=runs/rel",
+          "--config.train.steps=6", "--config.train.log_every=2", "--config.train.eval_every=6",
+          "--config.checkpoint.every_steps=2", "--config.optim.warmup_steps=1",
+          "--config.model.d_model=32", "--config.model.n_layers=1",
+          "--config.train.progress=false"]
+  proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = sorted(p.name for p in (tmp_path / "runs" / "rel" / "checkpoints").iterdir())
+  assert "6" in saved and "4" in saved
+  again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)  # resumes (finished): same final eval loss
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert json.loads(again.stdout)["final_eval_loss"] == pytest.approx(
+      json.loads(proc.stdout)["final_eval_loss"], rel=1e-6)
