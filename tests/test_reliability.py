@@ -31,27 +31,31 @@ def _tiny(steps=24, **kw) -> Config:
   return dataclasses.replace(cfg, **kw)
 
 
-class _NanAt:
-  """Wraps make_pipeline so that the batch of one step has a NaN loss mask."""
+def _change_batch_at(monkeypatch, step, change):
+  """Wraps make_pipeline so that the training batch of one step is replaced by change(batch)."""
+  real = data_lib.make_pipeline
 
-  def __init__(self, monkeypatch, step):
-    real = data_lib.make_pipeline
+  def make(*args, **kwargs):
+    pipe = real(*args, **kwargs)
+    inner_next = pipe.next
 
-    def make(*args, **kwargs):
-      pipe = real(*args, **kwargs)
-      inner_next = pipe.next
+    def next_batch():
+      position = pipe.get_state()["step"]
+      batch = inner_next()
+      if kwargs.get("split", "train") == "train" and position + 1 == step:
+        batch = change(batch)
+      return batch
 
-      def next_batch():
-        position = pipe.get_state()["step"]
-        batch = inner_next()
-        if kwargs.get("split", "train") == "train" and position + 1 == step:
-          batch = dict(batch, mask=np.full_like(batch["mask"], np.nan))
-        return batch
+    pipe.next = next_batch
+    return pipe
 
-      pipe.next = next_batch
-      return pipe
+  monkeypatch.setattr(data_lib, "make_pipeline", make)
 
-    monkeypatch.setattr(data_lib, "make_pipeline", make)
+
+def _nan_at(monkeypatch, step):
+  """The batch of `step` gets a NaN loss mask: a non-finite loss and gradient."""
+  _change_batch_at(monkeypatch, step,
+                   lambda b: dict(b, mask=np.full_like(b["mask"], np.nan)))
 
 
 def _losses(records):
@@ -68,7 +72,7 @@ def test_nan_batch_is_skipped_and_stays_skipped_after_resume(tmp_path, monkeypat
   cfg = _tiny(steps=40)
   clean = train(cfg, str(tmp_path / "clean"))
   with monkeypatch.context() as m:
-    _NanAt(m, step=10)
+    _nan_at(m, step=10)
     poisoned = train(cfg, str(tmp_path / "poisoned"))
   assert np.isfinite(poisoned["final_eval_loss"])
   assert abs(poisoned["final_eval_loss"] / clean["final_eval_loss"] - 1) < 0.01
@@ -86,7 +90,7 @@ def test_nan_batch_is_skipped_and_stays_skipped_after_resume(tmp_path, monkeypat
       raise KeyboardInterrupt
   work = tmp_path / "resumed"
   with monkeypatch.context() as m:
-    _NanAt(m, step=10)
+    _nan_at(m, step=10)
     with pytest.raises(KeyboardInterrupt):
       train(cfg, str(work), on_step=stop_at_13)
   import shutil
@@ -232,24 +236,9 @@ def test_loss_spike_is_detected_and_skipped(tmp_path, monkeypatch):
   cfg = _tiny(steps=30)
   cfg = dataclasses.replace(cfg, guard=dataclasses.replace(cfg.guard, spike_window=5,
                                                            spike_k=4.0))
-  real = data_lib.make_pipeline
-
-  def make(*args, **kwargs):  # step 25's targets are shuffled: a finite loss spike
-    pipe = real(*args, **kwargs)
-    inner = pipe.next
-
-    def next_batch():
-      position = pipe.get_state()["step"]
-      batch = inner()
-      if kwargs.get("split", "train") == "train" and position + 1 == 25:
-        rng = np.random.default_rng(0)
-        batch = dict(batch, targets=rng.integers(0, 256, batch["targets"].shape).astype(np.int32))
-      return batch
-
-    pipe.next = next_batch
-    return pipe
-
-  monkeypatch.setattr(data_lib, "make_pipeline", make)
+  rng = np.random.default_rng(0)  # step 25's targets are shuffled: a finite loss spike
+  _change_batch_at(monkeypatch, 25, lambda b: dict(
+      b, targets=rng.integers(0, 256, b["targets"].shape).astype(np.int32)))
   train(cfg, str(tmp_path))
   assert [(s["step"], s["reason"]) for s in _skip_list(tmp_path)] == [(25, "spike")]
 
