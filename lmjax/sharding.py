@@ -88,13 +88,15 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
+  """A rules-table entry (None, "axis" or a tuple of axes) as a tuple of mesh axes."""
+  if mesh_axes is None:
+    return ()
+  return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+
+
 def _mesh_axes_for(name: str | None, rules) -> tuple[str, ...]:
-  for logical, mesh_axes in rules:
-    if logical == name:
-      if mesh_axes is None:
-        return ()
-      return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-  return ()
+  return next((_as_tuple(axes) for logical, axes in rules if logical == name), ())
 
 
 def logical_to_mesh_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
@@ -140,8 +142,7 @@ def activation_rules(mesh: Mesh, rules=LOGICAL_RULES) -> tuple:
   """Rules for nn.logical_axis_rules, with axes of size 1 dropped (no-op constraints)."""
   out = []
   for logical, axes in rules:
-    axes_t = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
-    axes_t = tuple(a for a in axes_t if mesh.shape[a] > 1)
+    axes_t = tuple(a for a in _as_tuple(axes) if mesh.shape[a] > 1)
     out.append((logical, axes_t[0] if len(axes_t) == 1 else (axes_t or None)))
   return tuple(out)
 
