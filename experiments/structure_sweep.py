@@ -29,7 +29,6 @@ from typing import Sequence
 
 from absl import app, flags
 
-from lmjax import config as config_lib
 from lmjax import flops as flops_lib
 from lmjax.checkpoint import CheckpointConfig
 from lmjax.config import Config

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmjax.errors import ConfigError, check_choice, check_positive, require
+from lmjax.errors import check_choice, check_positive, require
 
 POSITIONS = ("sinusoidal", "learned", "rope")
 MLPS = ("gelu", "relu", "swiglu")
@@ -243,7 +243,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     D, H, K, Dh = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim
     T = positions_T.shape[0]
-    B, G = x_ND.shape[0] // T, H // K
+    B = x_ND.shape[0] // T
     out_scale = 1.0 / math.sqrt(2 * cfg.n_layers)  # residual branches sum over 2L blocks
     w_q = self.param("w_q", nn.with_logical_partitioning(_fan_in_init(D), ("embed", "heads", "kv")),
                      (D, H, Dh), jnp.float32)

@@ -142,7 +142,7 @@ def wsd_decay_steps(cfg: OptimConfig, total_steps: int) -> int:
 def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
   """Returns lr(step) for `total_steps` optimizer updates (see module doc)."""
   _check_total_steps(cfg, total_steps)
-  peak, f = float(cfg.lr), float(cfg.final_lr_frac)
+  peak = float(cfg.lr)
   warmup, total = cfg.warmup_steps, total_steps
   if cfg.schedule == "wsd":
     decay_steps = wsd_decay_steps(cfg, total)

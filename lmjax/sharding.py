@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax.errors import ConfigError, require
+from lmjax.errors import require
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -22,7 +22,7 @@ from absl import flags, logging
 
 from lmjax import config as config_lib
 from lmjax.config import Config
-from lmjax.errors import ConfigError, DataError, UserError, require
+from lmjax.errors import ConfigError, DataError, require
 from lmjax.metrics import read_metrics
 from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 from lmjax.scaling import manifest as manifest_lib

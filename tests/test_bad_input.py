@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.util import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +39,7 @@ def _cases(tmp: Path):
   train = lambda *a: ["lmjax.train", [f"--config={SMOKE}", *a]]
   t = lambda name, args, frag: (name, *train(*args), frag)
   wd = lambda name: f"--workdir={tmp / 'work' / name}"
-  text = lambda path, *extra: [f"--config.data.kind=text", f"--config.data.path={path}",
+  text = lambda path, *extra: ["--config.data.kind=text", f"--config.data.path={path}",
                                "--config.model.vocab_size=384", *extra]
   return [
       t("unknown override", [wd("a"), "--config.model.d_modle=32"], "d_modle"),

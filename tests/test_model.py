@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmjax import flops
 from lmjax.errors import ConfigError
 from lmjax.model import ModelConfig, Transformer, init_params
 from tests import reference_transformer

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmjax import config as config_lib
 from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.metrics import read_metrics

@@ -31,7 +31,7 @@ import numpy as np
 
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
-from lmjax.config import Config, TrainConfig
+from lmjax.config import Config
 from lmjax.errors import ConfigError, check_choice, check_positive, require
 from lmjax.model import ModelConfig
 
