@@ -12,8 +12,10 @@ Conventions for training FLOPs per token (forward + backward = 3 x forward):
                QKV, QK^T, softmax at 3 FLOPs per score, attention-weighted sum, output
                projection, MLP, logits); backward = 2 x forward. Generalised to grouped-query
                heads and gated MLPs.
-  "matmul"     3 x the matrix-multiply FLOPs this implementation really executes (full T x T
-               score matrix, no embedding matmul): the "hardware" count behind MFU.
+  "matmul"     3 x the matrix-multiply FLOPs this implementation really executes (no
+               embedding matmul; the full T x T score matrix, or with
+               model.attention="causal_blocks" only the blocks it computes): the count
+               behind the logged MFU, so skipped work never inflates it.
 `causal=True` halves the T x T terms (QK^T, softmax, weighted sum), counting only the
 unmasked half as useful work.
 """
@@ -25,7 +27,7 @@ import re
 import time
 
 from lmjax.errors import ConfigError, check_choice, check_positive
-from lmjax.model import ModelConfig
+from lmjax.model import ModelConfig, _query_block
 
 CONVENTIONS = ("6N", "kaplan", "chinchilla", "matmul")
 
@@ -66,12 +68,16 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, *, causal: bool = Fa
   """Forward FLOPs of one sequence of `seq_len` tokens, term by term (Hoffmann et al. App. F).
 
   convention="matmul" drops the embedding lookup (a gather, no FLOPs) and the softmax (not a
-  matmul), and ignores `causal` since the implementation computes the full score matrix.
+  matmul), and ignores `causal`: it counts the score blocks the implementation computes
+  (`executed_score_fraction`).
   """
   check_positive("seq_len", seq_len)
   T, D, V, H, K, Dh, F, L = (seq_len, cfg.d_model, cfg.vocab_size, cfg.n_heads, cfg.kv_heads,
                              cfg.head_dim, cfg.ff_dim, cfg.n_layers)
-  tt = 0.5 if (causal and convention != "matmul") else 1.0
+  if convention == "matmul":
+    tt = executed_score_fraction(cfg, T)
+  else:
+    tt = 0.5 if causal else 1.0
   terms = {
       "embeddings": 2.0 * T * V * D,
       "qkv": L * 2.0 * T * D * (H + 2 * K) * Dh,
@@ -86,6 +92,19 @@ def forward_flops_breakdown(cfg: ModelConfig, seq_len: int, *, causal: bool = Fa
     terms["embeddings"] = 0.0
     terms["softmax"] = 0.0
   return terms
+
+
+def executed_score_fraction(cfg: ModelConfig, seq_len: int) -> float:
+  """Fraction of the T x T score (and weighted-sum) products the attention computes.
+
+  1 for the implementations that compute every score. model.attention="causal_blocks"
+  splits the queries into n blocks and skips key blocks wholly in their future: block i
+  computes i + 1 of n key blocks, (n + 1) / (2n) of the square in all.
+  """
+  if cfg.attention != "causal_blocks":
+    return 1.0
+  n = seq_len // _query_block(seq_len)
+  return (n + 1) / (2 * n)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -19,6 +19,7 @@ both onto mesh axes with one rules table; outside a mesh the constraints do noth
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -26,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import attention_kernels
 from lmjax.errors import check_choice, check_positive, require
 
 POSITIONS = ("sinusoidal", "learned", "rope")
@@ -33,7 +35,7 @@ MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention")
+ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "splash", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +65,12 @@ class ModelConfig:
   dtype: str = "float32"       # compute dtype; parameters, norms, softmax and accumulation stay f32
   scan_layers: bool = False    # nn.scan over identical blocks (faster compiles for deep models)
   remat: str = "none"          # none | full | dots: activation recomputation in the backward pass
-  # xla (einsum + masked softmax over the full T x T scores) | causal_blocks (the same, but
-  # query blocks skip key blocks wholly in their future: fewer FLOPs than lmjax.flops'
-  # "matmul" count, faster on CPU for T >= 256) | dot_product_attention (fused, cuDNN on GPU)
-  attention: str = "xla"
+  # causal_blocks (einsum + masked softmax; for T >= 256 query blocks skip key blocks wholly
+  # in their future, which lmjax.flops counts, 1.2x faster attention on CPU at T=256) |
+  # xla (the same over the full T x T scores) | dot_product_attention (jax.nn's XLA path)
+  # | splash (Pallas TPU kernel, T % 128 == 0; interpret mode off-TPU: tests only, slow)
+  # | cudnn (cuDNN flash attention, GPU + bfloat16 only). See lmjax/attention_kernels.py.
+  attention: str = "causal_blocks"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
@@ -124,11 +128,78 @@ def _fan_in_init(fan_in: int, scale: float = 1.0) -> nn.initializers.Initializer
   return nn.initializers.normal(stddev=scale / math.sqrt(fan_in))
 
 
-def _dot(x: jax.Array, w: jax.Array, dims: tuple, dtype: Any) -> jax.Array:
-  """Contracts x with w in the compute dtype, accumulating in f32 (fast and exact enough on
-  CPU, and the numerically safe choice for bf16 on accelerators)."""
-  return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), (dims, ((), ())),
+def dot_general(x: jax.Array, y: jax.Array, dimension_numbers: tuple, dtype: Any) -> jax.Array:
+  """lax.dot_general of x and y in the compute dtype, accumulated and returned in f32.
+
+  In f32 this is plain lax.dot_general. In a lower-precision dtype its backward pass also
+  runs in that dtype: autodiff's own transpose would multiply the f32 cotangent with the
+  bf16 operands, which XLA does as f32 x f32 dots (measured: all 98 backward dots of a
+  'small' bf16 train step), so bf16 sped up only the forward third of the matmuls. Here
+  the cotangent is rounded to bf16, as PyTorch's autocast does, while both products still
+  accumulate in f32 and the gradients come back in the operands' own dtypes (f32 weight
+  gradients are never rounded to bf16). The residuals saved for backward are the bf16
+  copies, half the memory of f32 ones.
+  """
+  dimension_numbers = tuple(tuple(tuple(d) for d in pair) for pair in dimension_numbers)
+  if jnp.dtype(dtype) == jnp.float32:
+    return jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dimension_numbers,
+                               preferred_element_type=jnp.float32)
+  return _lowp_dot_general(x, y, dimension_numbers, jnp.dtype(dtype))
+
+
+def _dot_transpose_dims(dn: tuple, x_ndim: int, y_ndim: int, wrt_x: bool) -> tuple:
+  """(dimension numbers, permutation) turning the output cotangent g into d(x) or d(y).
+
+  out = dot_general(x, y) has axes [batch..., x kept..., y kept...]. For d(x), g is
+  contracted with y over y's kept axes (batch axes stay batch); the product's axes then
+  hold x's batch, x's kept and x's contracted axes (in y's axis order), which the
+  permutation puts back in x's order. d(y) is the mirror image.
+  """
+  (xc, yc), (xb, yb) = dn
+  x_kept = [d for d in range(x_ndim) if d not in xc and d not in xb]
+  y_kept = [d for d in range(y_ndim) if d not in yc and d not in yb]
+  nb, nxk = len(xb), len(x_kept)
+  g_batch = tuple(range(nb))
+  g_x = tuple(range(nb, nb + nxk))
+  g_y = tuple(range(nb + nxk, nb + nxk + len(y_kept)))
+  if wrt_x:
+    dims = ((g_y, tuple(y_kept)), (g_batch, tuple(yb)))
+    labels = list(xb) + x_kept + [xc[list(yc).index(d)] for d in sorted(yc)]
+  else:
+    dims = ((g_x, tuple(x_kept)), (g_batch, tuple(xb)))
+    labels = list(yb) + y_kept + [yc[list(xc).index(d)] for d in sorted(xc)]
+  return dims, tuple(labels.index(d) for d in range(len(labels)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _lowp_dot_general(x, y, dn, dtype):
+  return jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dn,
                              preferred_element_type=jnp.float32)
+
+
+def _lowp_dot_general_fwd(x, y, dn, dtype):
+  x_lo, y_lo = x.astype(dtype), y.astype(dtype)
+  out = jax.lax.dot_general(x_lo, y_lo, dn, preferred_element_type=jnp.float32)
+  # Zero-size arrays carry the operands' dtypes through to the backward pass.
+  return out, (x_lo, y_lo, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
+
+
+def _lowp_dot_general_bwd(dn, dtype, res, g):
+  x_lo, y_lo, x_tag, y_tag = res
+  g_lo = g.astype(dtype)
+  dims, perm = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=True)
+  dx = jax.lax.dot_general(g_lo, y_lo, dims, preferred_element_type=jnp.float32)
+  dims, perm_y = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=False)
+  dy = jax.lax.dot_general(g_lo, x_lo, dims, preferred_element_type=jnp.float32)
+  return (dx.transpose(perm).astype(x_tag.dtype), dy.transpose(perm_y).astype(y_tag.dtype))
+
+
+_lowp_dot_general.defvjp(_lowp_dot_general_fwd, _lowp_dot_general_bwd)
+
+
+def _dot(x: jax.Array, w: jax.Array, dims: tuple, dtype: Any) -> jax.Array:
+  """Contracts x with w over `dims` (no batch axes) in the compute dtype; f32 out."""
+  return dot_general(x, w, (dims, ((), ())), dtype)
 
 
 class Norm(nn.Module):
@@ -196,12 +267,14 @@ def causal_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
     * 1/sqrt(Dh) scales q (T*Dh elements per head) rather than the T x T scores;
     * an additive mask instead of a select: the backward pass needs no select, and
       exp(finfo.min - max) is exactly 0, so masked keys still contribute exactly nothing;
+    * deferred normalisation: (exp(s - max) v) / sum exp(s - max) divides the (T, Dh)
+      output instead of the T x T probabilities, which saves a T x T pass forward and a
+      T x T row reduction backward (XLA:CPU's reductions are slow);
     * optional causal blocking (`block` query rows at a time, model.attention="causal_blocks"):
       query rows [a, b) only see keys [0, b), so key blocks wholly in the future are never
       computed (25% fewer score/value FLOPs at two blocks). Each row's softmax runs over the
-      same non-zero terms as without blocking. Off by default because lmjax.flops' "matmul"
-      convention (and MFU) counts the full T x T product, which tests/test_flops.py checks
-      against XLA's cost analysis.
+      same non-zero terms as without blocking. lmjax.flops' "matmul" count (the basis of
+      MFU) counts only the computed blocks; tests/test_flops.py checks it against XLA.
   Heads-major layout: ~1.15x faster attention forward + backward on 'small' (T=256); with
   two causal blocks ~1.6x, on par with torch's flash-attention CPU kernel. See
   docs/performance.md.
@@ -219,7 +292,8 @@ def causal_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
   for start in range(0, T, block):
     stop = start + block                   # keys at >= stop are in the future of every row
     q_blk = q[:, :, :, start:stop].reshape(B, K, G * block, Dh)
-    s = jnp.einsum("bkmd,bksd->bkms", q_blk, k[:, :, :stop], preferred_element_type=f32)
+    # (B, K, G*blk, Dh) x (B, K, S, Dh) -> (B, K, G*blk, S)
+    s = dot_general(q_blk, k[:, :, :stop], (((3,), (3,)), ((0, 1), (0, 1))), dtype)
     s = s.reshape(B, K, G, block, stop)
     mask = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
     mask = mask[None, None, None]
@@ -227,10 +301,16 @@ def causal_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
       same = segment_ids_BT[:, start:stop, None] == segment_ids_BT[:, None, :stop]
       mask = mask & same[:, None, None]
     s = s + jnp.where(mask, 0.0, jnp.finfo(f32).min)
-    p = jax.nn.softmax(s, axis=-1).reshape(B, K, G * block, stop)       # f32 softmax
-    o = jnp.einsum("bkms,bksd->bkmd", p.astype(dtype), v[:, :, :stop],
-                   preferred_element_type=f32)
-    outs.append(o.reshape(B, K, G, block, Dh))
+    # softmax(s) v = (e v) / l with e = exp(s - max s) and l = sum e: the normalisation
+    # divides the (T, Dh) output, not the T x T probabilities, and the backward pass
+    # needs no T x T row reduction (the max is a constant of the math, so no gradient).
+    m = jax.lax.stop_gradient(jnp.max(s, axis=-1, keepdims=True))
+    e = jnp.exp(s - m)                                              # (B, K, G, blk, S) f32
+    l = jnp.sum(e, axis=-1, keepdims=True)                          # >= 1: the diagonal
+    # (B, K, G*blk, S) x (B, K, S, Dh) -> (B, K, G*blk, Dh)
+    o = dot_general(e.reshape(B, K, G * block, stop), v[:, :, :stop],
+                    (((3,), (2,)), ((0, 1), (0, 1))), dtype)
+    outs.append(o.reshape(B, K, G, block, Dh) / l)
   o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return o.transpose(0, 3, 1, 2, 4).reshape(B, T, H, Dh)
 
@@ -255,9 +335,12 @@ class Attention(nn.Module):
                                                          ("heads", "kv", "embed")),
                      (H, Dh, D), jnp.float32)
     dt = cfg.compute_dtype
-    q = _dot(x_ND, w_q, ((1,), (0,)), dt).reshape(B, T, H, Dh)
-    k = _dot(x_ND, w_k, ((1,), (0,)), dt).reshape(B, T, K, Dh)
-    v = _dot(x_ND, w_v, ((1,), (0,)), dt).reshape(B, T, K, Dh)
+    # Weights enter the products as 2-D matrices (free reshapes): XLA:CPU has no kernel
+    # for a bf16 x bf16 -> f32 dot whose right operand keeps two free axes, which the
+    # backward pass of a (D, H, Dh) weight would need.
+    q = _dot(x_ND, w_q.reshape(D, H * Dh), ((1,), (0,)), dt).reshape(B, T, H, Dh)
+    k = _dot(x_ND, w_k.reshape(D, K * Dh), ((1,), (0,)), dt).reshape(B, T, K, Dh)
+    v = _dot(x_ND, w_v.reshape(D, K * Dh), ((1,), (0,)), dt).reshape(B, T, K, Dh)
     q = nn.with_logical_constraint(q, ("batch", "length", "act_heads", "act_kv"))
     if cfg.qk_norm:
       q = Norm(cfg.norm, cfg.norm_eps, "kv", name="q_norm")(q)
@@ -266,14 +349,19 @@ class Attention(nn.Module):
       q, k = apply_rope(q, positions_T, cfg.rope_theta), apply_rope(k, positions_T, cfg.rope_theta)
 
     if cfg.attention == "dot_product_attention" and segment_ids_BT is None:
-      # Fused kernel (cuDNN flash attention on GPU); handles grouped-query heads itself.
+      # jax.nn's reference attention (its XLA path; attention="cudnn" picks cuDNN); it
+      # handles grouped-query heads itself.
       o = jax.nn.dot_product_attention(q.astype(dt), k.astype(dt), v.astype(dt), is_causal=True,
                                        scale=1.0 / math.sqrt(Dh))
+    elif cfg.attention == "splash":
+      o = attention_kernels.splash_attention(q, k, v, segment_ids_BT, dt)
+    elif cfg.attention == "cudnn":
+      o = attention_kernels.cudnn_attention(q, k, v, segment_ids_BT, dt)
     else:
       block = _query_block(T) if cfg.attention == "causal_blocks" else T
       o = causal_attention(q, k, v, segment_ids_BT, dt, block)
-    o_NHd = o.reshape(B * T, H, Dh)
-    return _dot(o_NHd, w_o, ((1, 2), (0, 1)), dt)                       # (N, D)
+    o_NHd = o.reshape(B * T, H * Dh)                                      # heads flattened
+    return _dot(o_NHd, w_o.reshape(H * Dh, D), ((1,), (0,)), dt)          # (N, D)
 
 
 class Mlp(nn.Module):

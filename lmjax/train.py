@@ -306,29 +306,13 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
     host = jax.device_get([m for _, _, m in pending])
     for (s, pos, _), m in zip(pending, host):
       if m["skipped"]:
-        reason = ("nonfinite" if m["nonfinite"] else "exploded" if m["exploded"]
-                  else "spike" if m["spike"] else "listed")
-        skips.add(s, pos, reason, float(m["loss"]))
+        skips.add(s, pos, skip_reason(m), float(m["loss"]))
     pending = []
-    good = [m for m in host if not m["skipped"]]
     elapsed = max(time.time() - interval_start, 1e-9)
-    record = {
-        "step": step,
-        "loss": float(np.mean([m["loss"] for m in good])) if good else None,
-        "grad_norm": float(host[-1]["grad_norm"]),
-        "param_norm": float(host[-1]["param_norm"]),
-        "lr": float(host[-1]["lr"]),
-        "tokens": step * tokens_per_step,
-        "flops": step * tokens_per_step * flops_per_token,
-        "skipped": int(sum(bool(m["skipped"]) for m in host)),
-    }
-    if record["loss"] is not None:
-      record["bits_per_token"] = record["loss"] / math.log(2)
-    if interval_steps:
-      tps = interval_steps * tokens_per_step / elapsed
-      record["tokens_per_s"] = tps
-      if math.isfinite(peak):
-        record["mfu"] = tps * hw_flops_per_token / peak
+    record = interval_record(host, step, tokens_per_step=tokens_per_step,
+                             flops_per_token=flops_per_token,
+                             hw_flops_per_token=hw_flops_per_token, peak=peak,
+                             interval_steps=interval_steps, elapsed=elapsed)
     return record, int(host[-1]["bad_streak"])
 
   try:
@@ -404,6 +388,37 @@ def train(cfg: Config, workdir: str, *, mesh: jax.sharding.Mesh | None = None,
       "final_eval_loss": last_eval, "wall_s": time.time() - t_start,
       "compile_s": compile_s, "skipped_steps": len(skips), "rollbacks": rollbacks,
   }
+
+
+def skip_reason(m: dict) -> str:
+  """Why the guard skipped a step, from its host metrics (for the skip list)."""
+  return ("nonfinite" if m["nonfinite"] else "exploded" if m["exploded"]
+          else "spike" if m["spike"] else "listed")
+
+
+def interval_record(host: list[dict], step: int, *, tokens_per_step: int,
+                    flops_per_token: float, hw_flops_per_token: float, peak: float,
+                    interval_steps: int, elapsed: float) -> dict:
+  """The log record of one logging interval from its steps' host metrics (oldest first)."""
+  good = [m for m in host if not m["skipped"]]
+  record = {
+      "step": step,
+      "loss": float(np.mean([m["loss"] for m in good])) if good else None,
+      "grad_norm": float(host[-1]["grad_norm"]),
+      "param_norm": float(host[-1]["param_norm"]),
+      "lr": float(host[-1]["lr"]),
+      "tokens": step * tokens_per_step,
+      "flops": step * tokens_per_step * flops_per_token,
+      "skipped": int(sum(bool(m["skipped"]) for m in host)),
+  }
+  if record["loss"] is not None:
+    record["bits_per_token"] = record["loss"] / math.log(2)
+  if interval_steps:
+    tps = interval_steps * tokens_per_step / elapsed
+    record["tokens_per_s"] = tps
+    if math.isfinite(peak):
+      record["mfu"] = tps * hw_flops_per_token / peak
+  return record
 
 
 def _all_processes(obj: Any) -> list:

@@ -49,6 +49,10 @@ XLA_CONFIGS = [
          max_len=128, tie_embeddings=False),
     dict(d_model=192, n_heads=4, n_layers=3, max_len=256, vocab_size=512, norm_position="post",
          position="sinusoidal", mlp="relu"),
+    # The default causal_blocks computes (n + 1) / 2n of the T x T products (n = 2 above at
+    # T = 256, 4 below at T = 512); "xla" computes all of them.
+    dict(d_model=128, n_heads=2, n_layers=2, max_len=256, attention="xla"),
+    dict(d_model=128, n_heads=4, n_kv_heads=2, n_layers=1, max_len=512),
 ]
 
 

@@ -126,6 +126,55 @@ def test_bf16_compute_close_to_f32():
   assert 0 < rel < 0.03, rel
 
 
+DOT_CASES = [  # (x shape, y shape, dimension numbers): every pattern the model uses, and more
+    ((6, 5), (5, 3, 4), (((1,), (0,)), ((), ()))),                 # q/k/v projections
+    ((6, 3, 4), (3, 4, 5), (((1, 2), (0, 1)), ((), ()))),           # output projection
+    ((6, 5), (7, 5), (((1,), (1,)), ((), ()))),                     # tied logits
+    ((2, 3, 4, 5), (2, 3, 6, 5), (((3,), (3,)), ((0, 1), (0, 1)))),  # attention scores
+    ((2, 3, 4, 6), (2, 3, 6, 5), (((3,), (2,)), ((0, 1), (0, 1)))),  # attention values
+    ((4, 2, 3, 5), (3, 7, 4, 2), (((2, 0, 1), (0, 2, 3)), ((), ()))),  # unsorted contraction
+    ((3, 4, 2, 5), (5, 2, 4, 3), (((1,), (2,)), ((3, 0), (0, 3)))),    # batch axes not leading
+]
+
+
+@pytest.mark.parametrize("xs,ys,dn", DOT_CASES)
+def test_low_precision_dot_backward_transposes_like_autodiff(xs, ys, dn):
+  # The hand-written backward of model.dot_general, run in f32, must equal autodiff's.
+  from lmjax import model as model_lib
+  kx, ky, kg = jax.random.split(jax.random.key(0), 3)
+  x, y = jax.random.normal(kx, xs), jax.random.normal(ky, ys)
+  out_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, dn), x, y).shape
+  g = jax.random.normal(kg, out_shape)
+  ref = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dn), x, y)[1](g)
+  mine = jax.vjp(lambda a, b: model_lib._lowp_dot_general(a, b, dn, jnp.dtype(jnp.float32)),
+                 x, y)[1](g)
+  for r, m in zip(ref, mine):
+    assert m.shape == r.shape and m.dtype == r.dtype
+    np.testing.assert_allclose(m, r, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_backward_runs_bf16_dots_with_f32_gradients():
+  # bf16 compute: every dot of the train step's backward pass takes bf16 operands (autodiff
+  # alone would upcast them to f32), and the parameter gradients stay f32 and close to f32's.
+  cfg = _cfg(position="rope", mlp="swiglu", n_kv_heads=2)
+  params, tokens = _params(cfg), _tokens(cfg)
+
+  def loss(cfg_, p):
+    return jnp.mean(Transformer(cfg_).apply({"params": p}, tokens) ** 2)
+
+  bf16 = dataclasses.replace(cfg, dtype="bfloat16")
+  hlo = jax.jit(jax.grad(lambda p: loss(bf16, p))).lower(params).as_text()
+  dots = [l for l in hlo.splitlines() if "stablehlo.dot_general" in l]
+  assert dots and all("bf16>, tensor<" in l for l in dots), [l for l in dots
+                                                           if "bf16>, tensor<" not in l][:2]
+  g32 = jax.grad(lambda p: loss(cfg, p))(params)
+  g16 = jax.grad(lambda p: loss(bf16, p))(params)
+  for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16)):
+    assert b.dtype == jnp.float32
+    rel = np.sqrt(np.sum((np.asarray(a) - np.asarray(b)) ** 2) / np.sum(np.asarray(a) ** 2))
+    assert rel < 0.05, rel
+
+
 def test_every_parameter_has_logical_axes():
   cfg = _cfg(position="learned", tie_embeddings=False, qk_norm=True, mlp="swiglu")
   boxed = init_params(cfg, jax.random.key(0), 1, cfg.max_len)

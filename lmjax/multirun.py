@@ -1,0 +1,536 @@
+"""Several same-shape runs trained at once: one compiled step for a group of K members.
+
+Scaling-law sweeps on a CPU train many tiny models, one small program at a time. Runs that
+differ only in their seeds or peak learning rate can instead be stacked along a leading
+group axis and trained by one compiled step built from the very step a lone run uses
+(`lmjax.train.make_train_step`): either `jax.vmap` over the members (K small matmuls become
+one batched matmul), or, with `members_per_vmap=1`, the lone step's computation K times in
+a row inside one program (`jax.lax.map`), which keeps each member's working set as small as
+a lone run's and saves K-1 dispatches. Chunks of m members vmapped in turn sit between.
+On the 2-core CPU of docs/training.md the vmap gained at most ~10% and lost 23-41% for
+d_model >= 48 at K >= 4, while the in-program loop ran 1.07-1.37x as many tokens/s as K
+lone steps for K >= 2, so "auto" picks it on CPU (and the vmap elsewhere, unmeasured).
+
+  results = train_group([cfg_a, cfg_b, cfg_c], ["runs/a", "runs/b", "runs/c"])
+
+What a member may vary (`MEMBER_FIELDS`): `name`, `train.seed` (parameter init),
+`data.seed` (training order) and `optim.lr` (peak learning rate). Everything else, model,
+batch, seq_len, steps, schedule, warmup, guard, checkpoint and logging settings, must be
+equal; `check_groupable` says which field is not, in one line. `group_key` is equal for
+configs that can share a group, so a sweep can bucket its runs by it.
+
+Equivalence. Every member has its own parameters, Adam state, guard state, step, rng,
+batch (`batch_KBT`: its own pipeline's batch, stacked) and hparams (peak lr, skip flag),
+and its initial state is exactly the one `Trainer.init_state` builds from its
+train.seed. Member k therefore follows the lone run of its config up to float rounding of
+the batched ops (tests/test_multirun.py checks parameters, to rtol 1e-5 / atol 1e-6, and
+loss curves and eval losses, to rtol 1e-5, against `lmjax.train.train`); with
+members_per_vmap=1 its parameters and losses came out bitwise equal.
+
+Each workdir gets what `train()` writes: config.json, metrics.jsonl (same records;
+`tokens_per_s` and `mfu` are the member's own rate, so the group's is their sum),
+TensorBoard events, skip_list.jsonl, events.jsonl and a final checkpoint in the lone
+format, which `train()` (and so the sweep) accepts as a finished run.
+
+Differences from a lone run, all deliberate simplifications for tiny runs:
+  * No intermediate checkpoints and no resume: an interrupted group restarts from step 0
+    (metrics of the lost steps are dropped and recomputed). A member whose workdir already
+    holds a checkpoint (a finished run, or a lone run to resume) is not put in the group:
+    `train_group` hands it to `lmjax.train.train`, which resumes or re-evaluates it.
+  * No rollbacks: a member whose bad-step streak reaches guard.max_consecutive_bad is
+    stopped (its later steps are skipped, it writes no more metrics and no checkpoint) and
+    reported with status "diverged"; the other members go on. With guard.max_rollbacks=0
+    this is exactly what a lone run does.
+  * A stop request (`stop`) ends the group after the current step without a checkpoint.
+  * One process only. On a multi-device mesh the group axis is not sharded: every member
+    is laid out as its lone run would be (parameters by the logical rules, batch rows over
+    data x fsdp), and the members are stacked on each device.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import flops as flops_lib
+from lmjax import sharding
+from lmjax.config import Config
+from lmjax.data import pipeline as data_lib
+from lmjax.errors import ConfigError, require
+from lmjax.metrics import MetricsWriter, ProgressLine
+from lmjax.preemption import Preempted, StopFlag
+from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
+                         _check_workdir_config, _eval_record, _peak_flops, interval_record,
+                         make_eval_step, make_train_step, skip_reason, train)
+
+# Config keys in which the members of one group may differ (dotted, as config_diff names them).
+MEMBER_FIELDS = ("name", "train.seed", "data.seed", "optim.lr")
+
+
+# ------------------------------------------------------------------------------ grouping
+
+def _blanked(cfg: Config) -> dict:
+  d = config_lib.to_dict(cfg)
+  d["name"] = ""
+  d["train"]["seed"] = d["data"]["seed"] = 0
+  d["optim"]["lr"] = 0.0
+  return d
+
+
+def group_key(cfg: Config) -> str:
+  """A hash of everything but MEMBER_FIELDS: configs with equal keys can share a group."""
+  blob = json.dumps(_blanked(cfg), sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def check_groupable(cfgs: Sequence[Config]) -> None:
+  """ConfigError (one line, naming the first differing field) unless cfgs can be one group."""
+  require(len(cfgs) >= 1, "a group needs at least one config.")
+  first = config_lib.to_dict(cfgs[0])
+  for k, cfg in enumerate(cfgs[1:], start=1):
+    diffs = ckpt_lib.config_diff(first, config_lib.to_dict(cfg), MEMBER_FIELDS)
+    if diffs:
+      key, a, b = diffs[0]
+      raise ConfigError(
+          f"config {k}{f' ({cfg.name})' if cfg.name else ''} cannot train in a group with "
+          f"config 0: {key} {json.dumps(a)} != {json.dumps(b)}"
+          f"{f' (and {len(diffs) - 1} more field(s))' if len(diffs) > 1 else ''}; members of "
+          f"a group may differ only in {', '.join(MEMBER_FIELDS)}, so train it in its own "
+          "group (bucket configs by lmjax.multirun.group_key).")
+
+
+# XLA:CPU runs some reductions of the vmapped step as YNNPACK fusions that are several times
+# slower than XLA's own loops: the norm-scale gradients, summed over the tokens, which the
+# leading group axis turns into a middle axis. Leaving YNNPACK only the dots raised a K=1
+# vmapped group from 0.71-0.82x to 0.80-1.02x the lone step's speed (docs/training.md).
+# Only the group's own vmapped programs are compiled with it.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options_accepted() -> bool:
+  """Whether this jaxlib knows CPU_COMPILER_OPTIONS (an experimental flag may go away)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+        jax.ShapeDtypeStruct((), np.float32)).compile()
+    return True
+  except Exception:  # pylint: disable=broad-except - any rejection means "compile without"
+    return False
+
+
+def default_compiler_options(mesh: jax.sharding.Mesh) -> dict | None:
+  """CPU_COMPILER_OPTIONS on a CPU mesh whose jaxlib accepts them, else None (XLA's own)."""
+  if mesh.devices.flat[0].platform == "cpu" and _cpu_options_accepted():
+    return dict(CPU_COMPILER_OPTIONS)
+  return None
+
+
+def _stacked(s: NamedSharding) -> NamedSharding:
+  """The sharding of K stacked copies of an array laid out as `s`: the group axis is whole."""
+  return NamedSharding(s.mesh, P(None, *s.spec))
+
+
+# ----------------------------------------------------------------------- compiled group
+
+def _over_members(fn: Callable, xs_K, members_per_vmap: int | None):
+  """fn over the leading (member) axis of xs_K: one vmap (None), or chunks of
+  `members_per_vmap` members vmapped and the chunks run one after another (1: no vmap)."""
+  if members_per_vmap is None:
+    return jax.vmap(fn)(xs_K)
+  if members_per_vmap == 1:
+    return jax.lax.map(fn, xs_K)
+  return jax.lax.map(fn, xs_K, batch_size=members_per_vmap)
+
+
+def make_group_step(cfg: Config, tx, members_per_vmap: int | None = None) -> Callable:
+  """(state_K, batch_KBT, hparams_K) -> (state_K, metrics_K): lmjax.train.make_train_step
+  for every member, each with its own state, batch and hparams (leading axis K).
+
+  members_per_vmap None vmaps all K members (one batched program); an integer m vmaps m
+  members at a time and loops over the chunks inside the compiled step, and m=1 runs the
+  lone step's own computation K times in a row (jax.lax.map), without the Python dispatch
+  of K separate steps.
+  """
+  step = make_train_step(cfg, tx)
+
+  def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):
+    return _over_members(lambda args: step(*args), (state_K, batch_KBT, hparams_K),
+                         members_per_vmap)
+
+  return group_step
+
+
+def resolve_members_per_vmap(members_per_vmap: int | str | None, mesh: jax.sharding.Mesh,
+                             size: int) -> int | None:
+  """"auto" is 1 on CPU (one vmap over the members measured slower than K lone steps for
+  d_model >= 32, docs/training.md) and None (one vmap) elsewhere; 1 < m >= size is None."""
+  if members_per_vmap == "auto":
+    members_per_vmap = 1 if mesh.devices.flat[0].platform == "cpu" else None
+  if members_per_vmap is not None:
+    require(isinstance(members_per_vmap, int) and not isinstance(members_per_vmap, bool)
+            and members_per_vmap >= 1, f"members_per_vmap={members_per_vmap!r} is invalid; "
+            "use an integer >= 1, None (vmap all members) or 'auto'.")
+    if members_per_vmap >= size and members_per_vmap > 1:  # one chunk: a plain vmap
+      members_per_vmap = None
+  return members_per_vmap
+
+
+class GroupTrainer:
+  """Compiled steps for a group of same-shape configs on one mesh.
+
+  State arrays carry a leading group axis of size K (`state_K`); batches are
+  `{"inputs": int32[K, B, T], ...}` (`batch_KBT`), B the per-member global batch.
+  """
+
+  def __init__(self, cfgs: Sequence[Config], mesh: jax.sharding.Mesh, *,
+               members_per_vmap: int | str | None = "auto",
+               compiler_options: dict | str | None = "default"):
+    """Builds (does not yet compile) the group's programs.
+
+    Args:
+      cfgs: configs that differ at most in MEMBER_FIELDS (else ConfigError).
+      mesh: the mesh every member is laid out on, as its lone run would be.
+      members_per_vmap: see make_group_step; "auto" (resolve_members_per_vmap) is 1 on CPU.
+      compiler_options: XLA options for the group's vmapped programs; "default" picks
+        default_compiler_options(mesh), None compiles with XLA's defaults.
+    """
+    check_groupable(cfgs)
+    self.cfgs, self.mesh = list(cfgs), mesh
+    self.size = len(self.cfgs)
+    self.members_per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, self.size)
+    cfg = self.cfgs[0]
+    # The lone trainer of member 0 supplies what members share: the optimizer (it leaves
+    # out the lr, which comes in hparams), shardings, the init and the eval step. Its own
+    # jitted train step is never called, so never compiled.
+    self.member = Trainer(cfg, mesh)
+    self.total_steps = self.member.total_steps
+    self.tx = self.member.tx
+    self.state_shardings = jax.tree.map(_stacked, self.member.state_shardings)
+    self.abstract_state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct((self.size, *x.shape), x.dtype, sharding=s),
+        self.member.abstract_state, self.state_shardings)
+    self.batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
+    rep = sharding.replicated(mesh)
+    rules = sharding.activation_rules(mesh)
+    self._hparams = {
+        "total_steps": np.full(self.size, self.total_steps, np.int32),
+        "warmup_steps": np.full(self.size, cfg.optim.warmup_steps, np.int32),
+        "peak_lr": np.array([c.optim.lr for c in self.cfgs], np.float32),
+    }
+    member_step = make_group_step(cfg, self.tx, self.members_per_vmap)
+    member_eval = make_eval_step(cfg)
+
+    def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):
+      with nn.logical_axis_rules(rules):
+        return member_step(state_K, batch_KBT, hparams_K)
+
+    def group_eval(params_K, batch_BT: dict):
+      with nn.logical_axis_rules(rules):  # every member sees the same eval batch
+        return _over_members(lambda p: member_eval(p, batch_BT), params_K,
+                             self.members_per_vmap)
+
+    if compiler_options == "default":
+      # The options fix vmapped reductions; a member at a time is the lone step's program.
+      compiler_options = (None if self.members_per_vmap == 1
+                          else default_compiler_options(mesh))
+    self.compiler_options = compiler_options
+    self.train_step = jax.jit(group_step,
+                              in_shardings=(self.state_shardings, self.batch_sharding, rep),
+                              out_shardings=(self.state_shardings, rep), donate_argnums=0,
+                              compiler_options=compiler_options)
+    self.eval_step = jax.jit(group_eval, in_shardings=(self.state_shardings["params"],
+                                                      sharding.batch_sharding(mesh)),
+                             out_shardings=rep, compiler_options=compiler_options)
+    self._stack = jax.jit(lambda *states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+                          out_shardings=self.state_shardings)
+    self._take = jax.jit(lambda state_K, k: jax.tree.map(lambda x: x[k], state_K),
+                         out_shardings=self.member.state_shardings)
+
+  def init_state(self) -> State:
+    """K stacked states; member k's is exactly Trainer.init_state(cfgs[k].train.seed)."""
+    members = [self.member.init_state(c.train.seed) for c in self.cfgs]
+    with jax.set_mesh(self.mesh):
+      return self._stack(*members)
+
+  def member_state(self, state_K: State, k: int) -> State:
+    """Member k's state, laid out as its lone run's (what its checkpoint holds)."""
+    with jax.set_mesh(self.mesh):
+      return self._take(state_K, np.int32(k))
+
+  def put_batch(self, local_batches: Sequence[dict]) -> dict:
+    """K host batches (one per member, each B x T) -> one device batch of (K, B, T) arrays."""
+    return {key: jax.device_put(np.stack([b[key] for b in local_batches]),
+                                self.batch_sharding) for key in local_batches[0]}
+
+  def step(self, state_K: State, batch_KBT: dict,
+           skip: Sequence[bool] | None = None) -> tuple[State, dict]:
+    """One step of every member; metrics are arrays of shape (K,)."""
+    skip_K = np.zeros(self.size, bool) if skip is None else np.asarray(skip, bool)
+    require(skip_K.shape == (self.size,),
+            f"skip has shape {skip_K.shape}; give one flag per member ({self.size}).")
+    with jax.set_mesh(self.mesh):
+      return self.train_step(state_K, batch_KBT, dict(self._hparams, skip=skip_K))
+
+  def evaluate(self, params_K, batches: list[dict]) -> np.ndarray:
+    """Mean eval loss per member, float64[K], over the same (global) eval batches."""
+    with jax.set_mesh(self.mesh):
+      sums = [self.eval_step(params_K, b) for b in batches]
+    ce_K, n_K = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+    return ce_K / np.maximum(n_K, 1.0)
+
+
+# ------------------------------------------------------------------------------ the loop
+
+class _Member:
+  """One member's effects: its pipeline, its files, and how it is doing."""
+
+  def __init__(self, cfg: Config, workdir: str, pipeline):
+    self.cfg, self.workdir, self.pipeline = cfg, workdir, pipeline
+    os.makedirs(workdir, exist_ok=True)
+    config_lib.save(cfg, os.path.join(workdir, "config.json"))
+    self.skips = SkipList(os.path.join(workdir, "skip_list.jsonl"))
+    self.events = EventLog(os.path.join(workdir, "events.jsonl"))
+    self.writer = MetricsWriter(workdir, truncate_after_step=0)  # a group starts at step 0
+    self.diverged: str | None = None   # the reason, once it has
+    self.last_eval: float | None = None
+
+
+def _has_checkpoint(workdir: str) -> bool:
+  ckpt_dir = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
+  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+
+
+def _train_alone(cfg: Config, workdir: str, mesh, stop) -> dict:
+  try:
+    return dict(train(cfg, workdir, mesh=mesh, stop=stop), status="done", reason=None,
+                group_size=1)
+  except Diverged as e:
+    return {"steps": cfg.total_steps(), "final_eval_loss": None, "status": "diverged",
+            "reason": str(e), "group_size": 1}
+
+
+def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
+                mesh: jax.sharding.Mesh | None = None,
+                members_per_vmap: int | str | None = "auto",
+                on_step: Callable[[int, int, dict], None] | None = None,
+                stop: StopFlag | None = None) -> list[dict]:
+  """Trains cfgs[k] in workdirs[k] for every k, as one group; returns their summaries.
+
+  Each summary has the keys of `lmjax.train.train`'s (steps, tokens, flops,
+  final_eval_loss, wall_s, compile_s, skipped_steps, rollbacks) plus status ("done" or
+  "diverged"), reason, group_size, members_per_vmap, group_wall_s and group_compile_s.
+  wall_s and compile_s are the member's share (the group's divided by K), so summing over
+  runs, as the sweep does, counts the time once. A diverged member has final_eval_loss
+  None.
+
+  Args:
+    cfgs: configs that differ at most in MEMBER_FIELDS (else ConfigError).
+    workdirs: one distinct directory per config.
+    mesh: default sharding.make_mesh(cfgs[0].mesh).
+    members_per_vmap: how the members are batched (see make_group_step and
+      resolve_members_per_vmap): None vmaps all, 1 runs them one after another inside one
+      compiled step, "auto" picks 1 on CPU and None elsewhere.
+    on_step: called with (member index, step, record) after each record is written.
+    stop: when set, the group stops after the current step and raises Preempted; nothing
+      is checkpointed, so the next call starts the group from step 0.
+  """
+  require(len(cfgs) == len(workdirs),
+          f"train_group got {len(cfgs)} configs but {len(workdirs)} workdirs; give one each.")
+  check_groupable(cfgs)
+  paths = [os.path.abspath(w) for w in workdirs]
+  require(len(set(paths)) == len(paths),
+          "train_group got the same workdir twice; give every member its own.")
+  require(jax.process_count() == 1, "train_group runs in one process only; train "
+          "multi-process runs one at a time with lmjax.train.", ConfigError)
+  cfg = cfgs[0]
+  mesh = mesh or sharding.make_mesh(cfg.mesh)
+  for c, w in zip(cfgs, workdirs):
+    _check_workdir_config(c, w)
+  data_lib.check_vocab(cfg.data, cfg.model.vocab_size)
+
+  # A workdir with a checkpoint is a run to resume (or a finished one): train() does that.
+  results: list[dict | None] = [None] * len(cfgs)
+  fresh = [k for k, w in enumerate(workdirs) if not _has_checkpoint(w)]
+  for k in sorted(set(range(len(cfgs))) - set(fresh)):
+    results[k] = _train_alone(cfgs[k], workdirs[k], mesh, stop)
+  if fresh:
+    member_on_step = (lambda i, s, r: on_step(fresh[i], s, r)) if on_step else None
+    group = _train_fresh_group([cfgs[k] for k in fresh], [workdirs[k] for k in fresh], mesh,
+                               members_per_vmap=members_per_vmap, on_step=member_on_step,
+                               stop=stop)
+    for k, res in zip(fresh, group):
+      results[k] = res
+  return results
+
+
+def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
+                       stop) -> list[dict]:
+  t_start = time.time()
+  cfg, K = cfgs[0], len(cfgs)
+  group = GroupTrainer(cfgs, mesh, members_per_vmap=members_per_vmap)
+  total = group.total_steps
+  layout = dict(seq_len=cfg.train.seq_len, global_batch=cfg.train.global_batch)
+  pipelines = [data_lib.make_pipeline(c.data, split="train", **layout) for c in cfgs]
+  # The eval set never depends on data.seed: one copy serves every member.
+  eval_local = data_lib.eval_batches(cfg.data, **layout)
+  eval_set = [sharding.global_batch_from_local(b, mesh) for b in eval_local]
+  members = [_Member(c, w, p) for c, w, p in zip(cfgs, workdirs, pipelines)]
+  for m in members:
+    m.events.write({"event": "group", "size": K, "members": [c.name for c in cfgs],
+                    "workdirs": [os.path.abspath(w) for w in workdirs]})
+
+  state_K = group.init_state()
+  tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+  flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len,
+                                              cfg.train.flops_convention)
+  hw_flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, "matmul")
+  peak = _peak_flops(jax.devices()[0].device_kind, cfg.model.dtype) * jax.device_count()
+  progress = ProgressLine(total, enabled=cfg.train.progress)
+  g = cfg.guard
+
+  pending: list[tuple[int, list[dict], dict]] = []  # (step, data positions, metrics_K)
+  interval_start, interval_steps = time.time(), 0
+  compile_s = None
+  step = 0
+
+  def flush() -> list[tuple[dict, int] | None]:
+    """Fetches the pending metrics (the host sync) and returns each live member's record
+    and bad-step streak, as train()'s flush does for a lone run."""
+    nonlocal pending
+    host_K = jax.device_get([m for _, _, m in pending])
+    elapsed = max(time.time() - interval_start, 1e-9)
+    out: list[tuple[dict, int] | None] = []
+    for k, member in enumerate(members):
+      if member.diverged:
+        out.append(None)
+        continue
+      host = [{name: v[k] for name, v in metrics.items()} for metrics in host_K]
+      for (s, positions, _), m in zip(pending, host):
+        if m["skipped"]:
+          member.skips.add(s, positions[k], skip_reason(m), float(m["loss"]))
+      # tokens_per_s and mfu are this member's own rate: the group's is their sum.
+      record = interval_record(host, step, tokens_per_step=tokens_per_step,
+                               flops_per_token=flops_per_token,
+                               hw_flops_per_token=hw_flops_per_token, peak=peak,
+                               interval_steps=interval_steps, elapsed=elapsed)
+      out.append((record, int(host[-1]["bad_streak"])))
+    pending = []
+    return out
+
+  try:
+    while step < total:
+      t0 = time.time()
+      positions = [m.pipeline.get_state() for m in members]
+      batch_KBT = group.put_batch([m.pipeline.next() for m in members])
+      # A stopped member keeps its slot (the shapes are fixed) but every step is skipped.
+      skip_K = [bool(m.diverged) or step + 1 in m.skips for m in members]
+      state_K, metrics_K = group.step(state_K, batch_KBT, skip=skip_K)
+      if compile_s is None:
+        jax.block_until_ready(metrics_K)
+        compile_s = time.time() - t0
+        interval_start = time.time()  # keep compilation out of tokens/s
+      else:
+        interval_steps += 1
+      step += 1
+      pending.append((step, positions, metrics_K))
+      is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+      if step % cfg.train.log_every == 0 or is_eval:
+        flushed = flush()
+        evals_K = group.evaluate(state_K["params"], eval_set) if is_eval else None
+        shown = []
+        for k, (member, item) in enumerate(zip(members, flushed)):
+          if item is None:
+            continue
+          record, streak = item
+          if g.max_consecutive_bad and streak >= g.max_consecutive_bad:
+            # A lone run would roll back here; a group cannot (its members share steps).
+            member.diverged = (f"{streak} consecutive bad steps (non-finite, spiking or "
+                               f"exploded loss) at step {step} in a group of {K}, which "
+                               "does not roll back; train it alone with lmjax.train to use "
+                               "guard.max_rollbacks")
+            member.events.write({"event": "diverged", "step": step,
+                                 "reason": member.diverged})
+            continue
+          if is_eval:
+            member.last_eval = float(evals_K[k])
+            record.update(_eval_record(member.last_eval, eval_local))
+          member.writer.write(record)
+          shown.append(record)
+          if on_step:
+            on_step(k, step, record)
+        if shown:  # one line for the group: mean over the live members, summed tokens/s
+          progress.update(_group_record(shown, step))
+        interval_start, interval_steps = time.time(), 0
+        if all(m.diverged for m in members):
+          break  # nothing left to train
+      if stop and step < total:
+        for m in members:
+          m.events.write({"event": "preempted", "step": step, "signal": stop.signum,
+                          "note": "a group does not checkpoint: it restarts from step 0"})
+        raise Preempted(step, stop.signum)
+    _save_final(group, state_K, members, total)
+  finally:
+    for m in members:
+      m.writer.close()
+    progress.close()
+
+  group_wall = time.time() - t_start
+  results = []
+  for m in members:
+    results.append({
+        "steps": total, "tokens": total * tokens_per_step,
+        "flops": total * tokens_per_step * flops_per_token,
+        "final_eval_loss": None if m.diverged else m.last_eval,
+        "wall_s": group_wall / K, "compile_s": (compile_s or 0.0) / K,
+        "skipped_steps": len(m.skips), "rollbacks": 0,
+        "status": "diverged" if m.diverged else "done", "reason": m.diverged,
+        "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,
+        "members_per_vmap": group.members_per_vmap,
+    })
+  return results
+
+
+def _group_record(records: list[dict], step: int) -> dict:
+  losses = [r["loss"] for r in records if r.get("loss") is not None]
+  rec = {"step": step, "loss": float(np.mean(losses)) if losses else None}
+  evals = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+  if evals:
+    rec["eval_loss"] = float(np.mean(evals))
+  if all(r.get("tokens_per_s") for r in records):
+    rec["tokens_per_s"] = sum(r["tokens_per_s"] for r in records)
+  return rec
+
+
+def _save_final(group: GroupTrainer, state_K: State, members: list[_Member],
+                total: int) -> None:
+  """Each healthy member's final state, in its workdir, as lmjax.train saves a finished run."""
+  bad_streak_K = np.asarray(jax.device_get(state_K["guard"]["bad_streak"]))
+  checkpointers = []
+  try:
+    for k, m in enumerate(members):
+      if m.diverged:
+        continue
+      position = m.pipeline.get_state()
+      extras = {"data": position, "data_per_process": [position],
+                "config": config_lib.to_dict(m.cfg), "rollbacks": 0,
+                "healthy": bool(bad_streak_K[k] == 0)}
+      ckpt = ckpt_lib.Checkpointer(m.workdir, m.cfg.checkpoint,
+                                   keys_that_may_change=RESUMABLE_CHANGES)
+      checkpointers.append(ckpt)
+      ckpt.save(total, group.member_state(state_K, k), extras, final=True)
+  finally:
+    for ckpt in checkpointers:
+      ckpt.wait()
+      ckpt.close()

@@ -1,0 +1,193 @@
+"""A vmapped group of runs equals the same runs trained alone, member by member."""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import config as config_lib
+from lmjax import sharding
+from lmjax.config import Config
+from lmjax.data import pipeline as data_lib
+from lmjax.errors import ConfigError
+from lmjax.metrics import read_metrics
+from lmjax.multirun import GroupTrainer, check_groupable, group_key, train_group
+from lmjax.train import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "configs" / "smoke.py"
+STEPS = 24
+# (train.seed, data.seed, peak lr) of the three members.
+MEMBERS = ((0, 0, 1e-2), (1, 5, 3e-3), (2, 7, 2e-2))
+# Logged fields that are measurements of the machine, not of the run.
+TIMING = ("tokens_per_s", "mfu")
+
+
+def _base() -> Config:
+  spec = importlib.util.spec_from_file_location("smoke_cfg", SMOKE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = config_lib.from_dict(Config, module.get_config())
+  r = dataclasses.replace
+  return r(cfg,
+           model=r(cfg.model, d_model=32, n_layers=2, n_heads=2, max_len=32),
+           optim=r(cfg.optim, warmup_steps=2),
+           train=r(cfg.train, steps=STEPS, seq_len=32, global_batch=8, eval_every=8,
+                   log_every=4, progress=False),
+           data=r(cfg.data, eval_batches=2),
+           # A group never rolls back; without rollbacks a lone run stops where it would.
+           guard=r(cfg.guard, max_consecutive_bad=3, max_rollbacks=0),
+           checkpoint=r(cfg.checkpoint, every_steps=None))  # only the final save
+
+
+def _member(seed: int, data_seed: int, lr: float) -> Config:
+  cfg = _base()
+  r = dataclasses.replace
+  return r(cfg, name=f"s{seed}-lr{lr:g}", train=r(cfg.train, seed=seed),
+           data=r(cfg.data, seed=data_seed), optim=r(cfg.optim, lr=lr))
+
+
+def _mesh():
+  return sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
+
+
+def _final_params(cfg: Config, workdir: Path):
+  trainer = Trainer(cfg, _mesh())
+  state, _ = ckpt_lib.Checkpointer(workdir).restore(abstract_state=trainer.abstract_state)
+  return jax.device_get(state["params"])
+
+
+def _assert_same_run(group_dir: Path, lone_dir: Path, cfg: Config) -> None:
+  a, b = read_metrics(str(group_dir)), read_metrics(str(lone_dir))
+  assert [r["step"] for r in a] == [r["step"] for r in b]
+  for ra, rb in zip(a, b):
+    assert set(ra) == set(rb), (ra, rb)
+    for key in set(ra) - set(TIMING):
+      np.testing.assert_allclose(ra[key], rb[key], rtol=1e-5, err_msg=f"{key} at {ra['step']}")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               _final_params(cfg, group_dir), _final_params(cfg, lone_dir))
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory):
+  """Each member trained alone by lmjax.train.train: (config, workdir, summary)."""
+  root = tmp_path_factory.mktemp("lone")
+  out = []
+  for i, (seed, data_seed, lr) in enumerate(MEMBERS):
+    cfg = _member(seed, data_seed, lr)
+    out.append((cfg, root / str(i), train(cfg, str(root / str(i)), mesh=_mesh())))
+  return out
+
+
+def test_group_members_equal_lone_runs(lone, tmp_path):
+  cfgs = [cfg for cfg, _, _ in lone]
+  assert len({group_key(c) for c in cfgs}) == 1
+  dirs = [tmp_path / str(i) for i in range(len(cfgs))]
+  # One vmap over all three members (on CPU, "auto" would run them one after another).
+  results = train_group(cfgs, [str(d) for d in dirs], mesh=_mesh(), members_per_vmap=None)
+  for (cfg, lone_dir, summary), res, group_dir in zip(lone, results, dirs):
+    assert res["status"] == "done" and res["group_size"] == 3
+    assert res["members_per_vmap"] is None
+    for key in ("steps", "tokens", "flops", "skipped_steps", "rollbacks"):
+      assert res[key] == summary[key], key
+    assert res["final_eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    _assert_same_run(group_dir, lone_dir, cfg)
+    assert config_lib.load(str(group_dir / "config.json")) == cfg
+  # The members really differ (seeds, data order, lr): equal curves would prove nothing.
+  assert len({round(r["final_eval_loss"], 6) for r in results}) == 3
+  # A finished member's workdir is a finished run to lmjax.train (and so to the sweep).
+  again = train(cfgs[1], str(dirs[1]), mesh=_mesh())
+  assert again["final_eval_loss"] == pytest.approx(results[1]["final_eval_loss"], rel=1e-6)
+
+
+def test_diverging_member_does_not_stop_the_others(lone, tmp_path):
+  cfgs = [_member(*MEMBERS[0]), _member(3, 3, 1e3), _member(*MEMBERS[2])]  # lr 1e3 blows up
+  dirs = [tmp_path / str(i) for i in range(3)]
+  # The CPU default: members one after another inside one compiled step.
+  results = train_group(cfgs, [str(d) for d in dirs], mesh=_mesh(), members_per_vmap="auto")
+  assert results[0]["members_per_vmap"] == 1
+  assert results[1]["status"] == "diverged" and results[1]["final_eval_loss"] is None
+  assert "consecutive bad steps" in results[1]["reason"]
+  assert not (dirs[1] / "checkpoints").exists() or not any(
+      p.name.isdigit() for p in (dirs[1] / "checkpoints").iterdir())
+  events = (dirs[1] / "events.jsonl").read_text()
+  assert '"diverged"' in events
+  for k in (0, 2):
+    assert results[k]["status"] == "done"
+    lone_cfg, lone_dir, summary = lone[k]
+    assert lone_cfg == cfgs[k]
+    assert results[k]["final_eval_loss"] == pytest.approx(summary["final_eval_loss"], rel=1e-5)
+    a, b = read_metrics(str(dirs[k])), read_metrics(str(lone_dir))
+    np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 _final_params(cfgs[k], dirs[k]), _final_params(lone_cfg, lone_dir))
+
+
+def test_nan_batch_or_skip_flag_skips_only_that_member():
+  cfgs = [_member(*m) for m in MEMBERS]
+  mesh = _mesh()
+  # One vmap over the members: a NaN in member 1 must not leak into the others, which share
+  # its batched ops. (The program is the first test's: the compilation cache serves it.)
+  group = GroupTrainer(cfgs, mesh, members_per_vmap=None)
+  steps, K = 8, len(cfgs)
+  pipes = [data_lib.make_pipeline(c.data, seq_len=c.train.seq_len,
+                                  global_batch=c.train.global_batch) for c in cfgs]
+  batches = [[p.next() for p in pipes] for _ in range(steps)]  # [step][member]
+  nan_at, flag_at = 3, 5  # member 1 gets a NaN mask at step 3; member 2 a skip flag at step 5
+  state_K = group.init_state()
+  for s in range(steps):
+    local = [dict(b) for b in batches[s]]
+    if s == nan_at:
+      local[1]["mask"] = np.full_like(local[1]["mask"], np.nan)
+    skip = [k == 2 and s == flag_at for k in range(K)]
+    before = jax.device_get(state_K["params"])
+    state_K, metrics = group.step(state_K, group.put_batch(local), skip=skip)
+    m = jax.device_get(metrics)
+    expected = [(k == 1 and s == nan_at) or (k == 2 and s == flag_at) for k in range(K)]
+    assert list(m["skipped"]) == expected, (s, m["skipped"])
+    assert list(m["nonfinite"]) == [k == 1 and s == nan_at for k in range(K)]
+    assert np.all(np.isfinite(m["loss"][[0, 2]]))
+    after = jax.device_get(state_K["params"])
+    for k in range(K):  # a skipped member keeps its exact parameters
+      if expected[k]:
+        jax.tree.map(lambda x, y: np.testing.assert_array_equal(x[k], y[k]), before, after)
+  # The lone reference: the clean batches, with that member's step skipped by the flag.
+  for k, cfg in enumerate(cfgs):
+    trainer = Trainer(cfg, mesh)
+    state = trainer.init_state()
+    for s in range(steps):
+      state, _ = trainer.step(state, sharding.global_batch_from_local(batches[s][k], mesh),
+                              skip=(k == 1 and s == nan_at) or (k == 2 and s == flag_at))
+    got = jax.device_get(group.member_state(state_K, k))
+    want = jax.device_get(state)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 got["params"], want["params"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+                 got["opt_state"], want["opt_state"])
+    assert int(got["step"]) == steps
+
+
+def test_configs_that_cannot_share_a_group_are_one_line_errors():
+  a = _member(0, 0, 1e-2)
+  ok = _member(4, 9, 5e-3)
+  check_groupable([a, ok])
+  assert group_key(a) == group_key(ok)
+  r = dataclasses.replace
+  cases = [
+      (r(a, model=r(a.model, d_model=64)), "model.d_model"),
+      (r(a, train=r(a.train, steps=STEPS + 1)), "train.steps"),
+      (r(a, optim=r(a.optim, warmup_steps=3)), "optim.warmup_steps"),
+  ]
+  for other, field in cases:
+    assert group_key(other) != group_key(a)
+    with pytest.raises(ConfigError) as e:
+      check_groupable([a, other])
+    msg = str(e.value)
+    assert field in msg and "\n" not in msg, msg
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+      GroupTrainer([a, other], _mesh())
