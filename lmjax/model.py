@@ -173,8 +173,7 @@ def _dot_transpose_dims(dn: tuple, x_ndim: int, y_ndim: int, wrt_x: bool) -> tup
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _lowp_dot_general(x, y, dn, dtype):
-  return jax.lax.dot_general(x.astype(dtype), y.astype(dtype), dn,
-                             preferred_element_type=jnp.float32)
+  return _lowp_dot_general_fwd(x, y, dn, dtype)[0]
 
 
 def _lowp_dot_general_fwd(x, y, dn, dtype):
