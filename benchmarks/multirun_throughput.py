@@ -30,13 +30,13 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from typing import Any
 
+import bench_common
 import jax
 import numpy as np
 
@@ -52,23 +52,6 @@ from lmjax.train import Trainer
 DEFAULT_SWEEP = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                              "sweeps", "cpu_default.py")
 N_BATCHES = 4   # distinct pre-placed batches per member, cycled
-
-
-def machine_info() -> dict[str, Any]:
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f
-                  if line.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return {
-      "cpu": cpu, "cores": os.cpu_count(),
-      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "python": platform.python_version(), "jax": jax.__version__,
-      "jax_backend": jax.default_backend(), "devices_used": 1,
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-  }
 
 
 def load_average() -> list[float] | None:
@@ -276,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
   report: dict[str, Any] = {
-      "machine": machine_info(), "load_average_start": load_average(),
+      "machine": dict(bench_common.machine_info(), devices_used=1), "load_average_start": load_average(),
       "command": " ".join(sys.argv), "args": vars(args),
       "note": "shared machine: other users' jobs share the cores (see load_average_*); "
               "runners alternate within each round; ratio = group / sequential tokens/s "
@@ -303,11 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
       if args.xla_defaults or name != "group_vmap_xla_defaults"}
   report["load_average_end"] = load_average()
   report["wall_s"] = time.time() - t0
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  bench_common.emit(report, args.out)
   return report
 
 

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from typing import Any
 
+import bench_common
 import jax
 import numpy as np
 
@@ -70,34 +69,10 @@ TOTAL_STEPS = 100_000
 # --------------------------------------------------------------------------------- machine
 
 def machine_info() -> dict[str, Any]:
-  cpu = platform.processor()
-  flags = []
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name") and cpu in ("", platform.machine()):
-          cpu = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-          flags = line.split(":", 1)[1].split()
-  except OSError:
-    pass
-  info = {
-      "cpu": cpu,
-      "cores": os.cpu_count(),
-      "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      # The ISA features that decide which matmul kernels the libraries can use.
-      "isa": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "jax_backend": jax.default_backend(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "torch": torch.__version__ if torch else None,
-      "torch_threads": torch.get_num_threads() if torch else None,
-      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-  }
-  import flax
-  import optax
-  info["flax"], info["optax"] = flax.__version__, optax.__version__
+  info = bench_common.machine_info()
+  info.update(torch=torch.__version__ if torch else None,
+              torch_threads=torch.get_num_threads() if torch else None,
+              omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"))
   return info
 
 
@@ -531,11 +506,7 @@ def main(argv: list[str] | None = None) -> dict:
   report["matmul_peak_flops"] = {"start": peaks_start, "end": peaks_end, "used": peaks}
   report["runs"] = runs
   report["wall_s"] = time.time() - t0
-  text = json.dumps(report, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, "w") as f:
-      f.write(text + "\n")
+  bench_common.emit(report, args.out)
   return report
 
 
