@@ -80,13 +80,13 @@ def _splash_local(q_BHTd: jax.Array, k_BKTd: jax.Array, v_BKTd: jax.Array,
   return jax.vmap(kernel)(q_BHTd, k_BKTd, v_BKTd, *segs)
 
 
-def _current_mesh() -> Any | None:
+def current_mesh() -> Any | None:
   """The mesh set with jax.set_mesh (abstract inside jit), or None outside any mesh."""
   mesh = jax.sharding.get_abstract_mesh()
   return None if mesh.empty else mesh
 
 
-def _active_rules() -> tuple:
+def active_rules() -> tuple:
   """The logical axis rules the model's constraints use now (lmjax's table if none set)."""
   return tuple(nn.get_logical_axis_rules()) or sharding.LOGICAL_RULES
 
@@ -117,7 +117,7 @@ def splash_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
   local = functools.partial(_splash_local, block=block,
                             interpret=jax.default_backend() != "tpu")
 
-  mesh = _current_mesh()
+  mesh = current_mesh()
   if mesh is None:
     o = local(q, k, v, *segs)
   else:
@@ -125,7 +125,7 @@ def splash_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
     # data x fsdp, heads over tensor, replicated where a size does not divide). T is never
     # split: the causal mask tables assume each shard holds whole sequences.
     spec = sharding.logical_to_mesh_spec(("batch", None, "act_heads", None), (B, T, H, Dh),
-                                         mesh, _active_rules())
+                                         mesh, active_rules())
     batch_axes, head_axes = spec[0], spec[2]
     head_axes_t = (head_axes,) if isinstance(head_axes, str) else tuple(head_axes or ())
     n_head_shards = math.prod(mesh.shape[a] for a in head_axes_t)

@@ -10,6 +10,7 @@ status 75 (requeue). `--worker` processes (sweep.workers > 0) drain the same man
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,12 +46,8 @@ def enable_compilation_cache(path: str) -> None:
 HEARTBEAT_S = 30.0  # how often a training run tells the manifest it is alive
 
 
-def run_one(row: dict, workdir: str, stop: StopFlag | None, on_step=None) -> dict:
-  """Trains one planned run (resuming if it has a checkpoint); returns manifest results."""
-  from lmjax.train import train  # jax is imported only by processes that train
-  cfg = config_lib.from_dict(Config, json.loads(row["config"]))
-  run_dir = os.path.join(workdir, "runs", row["id"])
-  summary = train(cfg, run_dir, stop=stop, on_step=on_step)
+def _results(summary: dict, run_dir: str) -> dict:
+  """The manifest's result columns for one finished training run."""
   evals = [r["eval_loss"] for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
   return {"achieved_flops": summary["flops"], "tokens": summary["tokens"],
           "final_eval_loss": summary["final_eval_loss"],
@@ -59,50 +56,114 @@ def run_one(row: dict, workdir: str, stop: StopFlag | None, on_step=None) -> dic
           "metrics_path": os.path.join(run_dir, "metrics.jsonl")}
 
 
+def run_one(row: dict, workdir: str, stop: StopFlag | None, on_step=None) -> dict:
+  """Trains one planned run (resuming if it has a checkpoint); returns manifest results."""
+  from lmjax.train import train  # jax is imported only by processes that train
+  cfg = config_lib.from_dict(Config, json.loads(row["config"]))
+  run_dir = os.path.join(workdir, "runs", row["id"])
+  return _results(train(cfg, run_dir, stop=stop, on_step=on_step), run_dir)
+
+
+def run_group(rows: list[dict], workdir: str, stop: StopFlag | None, on_step=None) -> list[dict]:
+  """Trains same-group-key runs as one lmjax.multirun group; one summary per row, with
+  "status" (done | diverged) and "reason" besides the manifest results."""
+  from lmjax.multirun import train_group
+  cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
+  run_dirs = [os.path.join(workdir, "runs", r["id"]) for r in rows]
+  summaries = train_group(cfgs, run_dirs, stop=stop, on_step=on_step)
+  return [dict(_results(s, d), status=s.get("status", "done"), reason=s.get("reason"))
+          for s, d in zip(summaries, run_dirs)]
+
+
+def _group_keys(manifest: manifest_lib.Manifest, ids: list[str]) -> dict[str, str]:
+  from lmjax.multirun import group_key
+  return {r["id"]: group_key(config_lib.from_dict(Config, json.loads(r["config"])))
+          for r in manifest.rows(ids)}
+
+
+def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None) -> list[dict]:
+  """The next runnable run plus up to group_size - 1 more runnable runs of its group key."""
+  claim = functools.partial(manifest.claim, max_attempts=sweep.max_attempts,
+                            stale_after_s=sweep.stale_after_s)
+  row = claim(ids)
+  if row is None:
+    return []
+  rows = [row]
+  if keys:
+    mates = [i for i in ids if i != row["id"] and keys[i] == keys[row["id"]]]
+    while len(rows) < sweep.group_size and mates:
+      more = claim(mates)
+      if more is None:
+        break
+      rows.append(more)
+      mates.remove(more["id"])
+  return rows
+
+
 def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, workdir: str,
           stop: StopFlag) -> None:
-  """Claims and trains runs until none is left (or a stop is requested)."""
+  """Claims and trains runs (in groups where they share a group key) until none is left
+  (or a stop is requested)."""
+  from lmjax.train import Diverged  # imports jax: only processes that train get here
+  keys = _group_keys(manifest, ids) if sweep.group_size > 1 else None
   while not stop:
-    row = manifest.claim(ids, max_attempts=sweep.max_attempts,
-                         stale_after_s=sweep.stale_after_s)
-    if row is None:
+    rows = _claim_group(manifest, ids, sweep, keys)
+    if not rows:
       return
-    rid = row["id"]
-    logging.info("run %s (budget %.3g, N %d): attempt %d", rid, row["budget"], row["n_params"],
-                 row["attempts"])
-    _say(f"[{_progress(manifest, ids)}] training {rid}: budget {row['budget']:.3g} FLOPs, "
-         f"N={row['n_params']:,}, D={row['planned_tokens']:,.0f} tokens")
-    from lmjax.train import Diverged  # imports jax: only processes that train get here
+    rids = [r["id"] for r in rows]
+    for row in rows:
+      logging.info("run %s (budget %.3g, N %d): attempt %d", row["id"], row["budget"],
+                   row["n_params"], row["attempts"])
+    what = (f"training {rids[0]}" if len(rows) == 1 else
+            f"training {len(rows)} runs as one group ({', '.join(rids)})")
+    _say(f"[{_progress(manifest, ids)}] {what}: budget {rows[0]['budget']:.3g} FLOPs, "
+         f"N={rows[0]['n_params']:,}, D={rows[0]['planned_tokens']:,.0f} tokens")
     last_beat = time.time()
 
-    def heartbeat(step, record, rid=rid):  # a live run must not look abandoned
+    def heartbeat(*_):  # live runs must not look abandoned
       nonlocal last_beat
       if time.time() - last_beat > HEARTBEAT_S:
-        manifest.heartbeat(rid)
+        for rid in rids:
+          manifest.heartbeat(rid)
         last_beat = time.time()
 
     try:
-      results = run_one(row, workdir, stop, on_step=heartbeat)
+      if len(rows) == 1:
+        outcomes = [dict(run_one(rows[0], workdir, stop, on_step=heartbeat), status="done")]
+      else:
+        outcomes = run_group(rows, workdir, stop, on_step=heartbeat)
     except Preempted:
-      manifest.release(rid)
+      for rid in rids:
+        manifest.release(rid)
       raise
     except Diverged as e:  # not retried: the same config would diverge again
-      _say(f"run {rid} diverged: {e}")
-      manifest.finish(rid, status="diverged", reason=str(e))
+      _say(f"run {rids[0]} diverged: {e}")
+      manifest.finish(rids[0], status="diverged", reason=str(e))
       continue
     except (Exception, MemoryError) as e:  # noqa: BLE001 - one run's crash must not end the sweep
       reason = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
-      logging.error("run %s failed: %s\n%s", rid, reason, traceback.format_exc())
-      _say(f"run {rid} failed (attempt {row['attempts']}/{sweep.max_attempts}): {reason}")
-      manifest.finish(rid, status="failed", reason=reason)
+      logging.error("run(s) %s failed: %s\n%s", rids, reason, traceback.format_exc())
+      for row in rows:
+        _say(f"run {row['id']} failed (attempt {row['attempts']}/{sweep.max_attempts}): "
+             f"{reason}")
+        manifest.finish(row["id"], status="failed", reason=reason)
       continue
-    loss = results["final_eval_loss"]
-    if loss is None or not math.isfinite(loss):
-      manifest.finish(rid, status="diverged", reason=f"final eval loss {loss}", **results)
-    else:
-      manifest.finish(rid, status="done", **results)
-      _say(f"run {rid} done: eval loss {loss:.4f} in {results['wall_s']:.1f}s "
-           f"(compile {results['compile_s'] or 0:.1f}s)")
+    for rid, results in zip(rids, outcomes):
+      _finish(manifest, rid, results)
+
+
+def _finish(manifest: manifest_lib.Manifest, rid: str, outcome: dict) -> None:
+  status, reason = outcome.pop("status"), outcome.pop("reason", None)
+  loss = outcome["final_eval_loss"]
+  if status == "diverged":
+    _say(f"run {rid} diverged: {reason}")
+    manifest.finish(rid, status="diverged", reason=reason, **outcome)
+  elif loss is None or not math.isfinite(loss):
+    manifest.finish(rid, status="diverged", reason=f"final eval loss {loss}", **outcome)
+  else:
+    manifest.finish(rid, status="done", **outcome)
+    _say(f"run {rid} done: eval loss {loss:.4f} in {outcome['wall_s']:.1f}s "
+         f"(compile {outcome['compile_s'] or 0:.1f}s)")
 
 
 def _progress(manifest, ids) -> str:

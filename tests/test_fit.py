@@ -386,3 +386,55 @@ def test_plots_without_curves_or_optional_sections(tmp_path):
                    "allocation.png", "allocation.svg"}
   with pytest.raises(DataError, match="approach 1 needs learning curves"):
     F.fit_all(t, approaches=[1], n_boot=50)
+
+
+def _with_replicas(t: RunsTable, k: int, sd: float, seed: int) -> RunsTable:
+  """k copies of every run, each with its own additive loss noise (and curve noise)."""
+  rng = np.random.default_rng(seed)
+  records = []
+  for i in range(len(t)):
+    for r in range(k):
+      rec = {"id": f"{t.ids()[i]}/s{r}", "N": t.N[i], "D": t.D[i], "C": t.C[i],
+             "budget": t.budget[i], "loss": t.loss[i] + sd * rng.standard_normal()}
+      if t.curves is not None:
+        rec["curve"] = {"flops": t.curves[i].flops,
+                        "loss": t.curves[i].loss + sd * rng.standard_normal(len(t.curves[i].loss))}
+      records.append(rec)
+  return RunsTable.from_records(records)
+
+
+def test_replicas_are_averaged_into_one_point_each():
+  base = isoflop_table(4, noise=0.0, budgets=np.geomspace(1e18, 1e19, 2), sizes_per_budget=3,
+                       curves=True)
+  reps = _with_replicas(base, 3, 0.01, seed=0)
+  mean, stats = reps.mean_over_replicas()
+  assert len(mean) == len(base) == len(reps) // 3
+  for i in range(len(base)):
+    rows = slice(3 * i, 3 * i + 3)
+    assert (mean.N[i], mean.D[i], mean.budget[i]) == (base.N[i], base.D[i], base.budget[i])
+    assert mean.loss[i] == pytest.approx(np.mean(reps.loss[rows]))
+    np.testing.assert_allclose(mean.curves[i].loss,
+                               np.mean([c.loss for c in reps.curves[rows]], axis=0))
+    assert mean.run_id[i] == "+".join(reps.run_id[rows])
+  sds = [np.std(reps.loss[3 * i:3 * i + 3], ddof=1) for i in range(len(base))]
+  assert stats["loss_sd_pooled"] == pytest.approx(np.sqrt(np.mean(np.square(sds))))
+  assert stats["loss_sd_max"] == pytest.approx(max(sds))
+  assert stats["replicas_per_point"] == {"min": 3, "max": 3}
+  assert 0.003 < stats["loss_sd_pooled"] < 0.03  # near the injected sd of 0.01
+  assert base.mean_over_replicas() == (base, None)  # no replicas: untouched
+
+
+def test_fit_all_fits_replica_means_not_the_luckiest_seed(tmp_path):
+  # The frontier of raw replicas would take each budget's luckiest seed; fit_all must give
+  # exactly the report of the averaged table, plus the replica spread.
+  reps = _with_replicas(isoflop_table(5, noise=0.005), 2, 0.02, seed=1)
+  kw = dict(n_boot=50, holdout_budgets=1, approaches=[2, 3], parametric_starts=COARSE_STARTS)
+  got = F.fit_all(reps, **kw)
+  mean, stats = reps.mean_over_replicas()
+  want = F.fit_all(mean, **kw)
+  assert got["replicas"] == stats and got["n_runs"] == len(reps) and got["n_points"] == len(mean)
+  for key in ("loss_vs_compute", "approach2", "approach3"):
+    assert json.dumps(got[key], default=str) == json.dumps(want[key], default=str)
+  R.write_report(got, tmp_path)
+  assert "Replicas: the 126 runs are 63 points" in (tmp_path / "report.md").read_text()
+  assert P.plot_all(reps, got, tmp_path)  # residuals line up with the averaged points

@@ -175,6 +175,78 @@ def test_bf16_backward_runs_bf16_dots_with_f32_gradients():
     assert rel < 0.05, rel
 
 
+def _loss_and_grads(cfg, params, tokens, seg):
+  def loss(p):
+    return jnp.mean(Transformer(cfg).apply({"params": p}, tokens, seg) ** 2)
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_attention_equals_unchunked(packed):
+  # attention_chunks runs attention over sequential slices of the batch, each recomputed in
+  # the backward pass: a schedule, not new math, so loss and gradients must not move.
+  cfg = _cfg(position="rope", n_kv_heads=2, attention_chunks=1)
+  params, tokens = _params(cfg), jnp.asarray(_tokens(cfg, batch=4))
+  seg = jnp.asarray(np.cumsum(np.random.default_rng(3).random(tokens.shape) < 0.2, axis=1)
+                    ) if packed else None
+  ref_loss, ref_g = _loss_and_grads(cfg, params, tokens, seg)
+  chunked = dataclasses.replace(cfg, attention_chunks=4)
+  jaxpr = str(jax.make_jaxpr(lambda p: Transformer(chunked).apply({"params": p}, tokens, seg))(
+      params))
+  assert jaxpr.count("scan[") == cfg.n_layers and "remat" in jaxpr  # it really chunked
+  got_loss, got_g = _loss_and_grads(chunked, params, tokens, seg)
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_attention_chunks_follow_the_cache_budget():
+  from lmjax import model as model_lib
+  small = ModelConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256)
+  row = 4 * 6 * 256 * 256   # one row's f32 scores: 1.5 MiB; two fit the 4 MiB budget
+  assert 2 * row <= model_lib.ATTENTION_CHUNK_BYTES < 4 * row
+  assert model_lib.attention_chunks(small, 16, 256) == 8       # 2 rows per chunk
+  assert model_lib.attention_chunks(small, 3, 256) == 3        # rows must divide the batch
+  assert model_lib.attention_chunks(_cfg(), 12, 12) == 1       # tiny scores: no chunking
+  assert model_lib.attention_chunks(dataclasses.replace(small, attention_chunks=2), 16, 256) == 2
+  with pytest.raises(ConfigError, match="attention_chunks=3 does not divide the 16") as e:
+    model_lib.attention_chunks(dataclasses.replace(small, attention_chunks=3), 16, 256)
+  assert "\n" not in str(e.value)
+
+
+def test_sharded_chunked_attention_equals_unsharded():
+  # Under a (data=2, tensor=2) mesh each device holds 2 of the 4 rows; 2 chunks take one row
+  # of each device per step, so chunking adds no collectives and changes no number.
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from lmjax import sharding
+  cfg = _cfg(position="rope", attention_chunks=1)
+  params, tokens = _params(cfg), jnp.asarray(_tokens(cfg, batch=4))
+  ref_loss, ref_g = _loss_and_grads(cfg, params, tokens, None)
+  mesh = jax.make_mesh((2, 1, 2), sharding.MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:4])
+  boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), 1, cfg.max_len))
+  sharded_params = jax.device_put(params, sharding.tree_shardings(boxed, mesh))
+  sharded_tokens = jax.device_put(tokens, sharding.batch_sharding(mesh))
+  rules = sharding.activation_rules(mesh)
+
+  def step(c):
+    def loss(p, t):
+      with nn.logical_axis_rules(rules):
+        return jnp.mean(Transformer(c).apply({"params": p}, t) ** 2)
+    return jax.jit(jax.value_and_grad(loss), out_shardings=NamedSharding(mesh, P()))
+
+  chunked = dataclasses.replace(cfg, attention_chunks=2)
+  with jax.set_mesh(mesh):
+    hlo = {c.attention_chunks: step(c).lower(sharded_params, sharded_tokens).compile().as_text()
+           for c in (cfg, chunked)}
+    got_loss, got_g = step(chunked)(sharded_params, sharded_tokens)
+  collectives = ("all-gather", "all-to-all", "collective-permute")
+  assert [hlo[2].count(c) for c in collectives] == [hlo[1].count(c) for c in collectives]
+  np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)  # sharded sums round differently
+  for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(ref_g)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_every_parameter_has_logical_axes():
   cfg = _cfg(position="learned", tie_embeddings=False, qk_norm=True, mlp="swiglu")
   boxed = init_params(cfg, jax.random.key(0), 1, cfg.max_len)
@@ -207,6 +279,7 @@ BAD_CONFIGS = [
     (dict(n_layers=-2), "model.n_layers"),
     (dict(vocab_size=0), "model.vocab_size"),
     (dict(d_ff=-1), "model.d_ff"),
+    (dict(attention_chunks=-1), "model.attention_chunks"),
     (dict(n_heads=2.5), "model.n_heads"),
 ]
 

@@ -192,3 +192,49 @@ def test_parallel_worker_processes_run_every_run_exactly_once(tmp_path):
     metrics = (workdir / "runs" / rid / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(l)["step"] for l in metrics]
     assert steps == sorted(set(steps))
+
+
+def test_replica_seeds_plan_adjacent_groupable_runs():
+  from lmjax import checkpoint as ckpt_lib
+  from lmjax.multirun import MEMBER_FIELDS, group_key
+  one = plan(_sweep("tiny"))
+  three = plan(dataclasses.replace(_sweep("tiny"), seeds=3))
+  assert len(three) == 3 * len(one)
+  assert [r.id for r in three[::3]] == [r.id for r in one]  # replica 0 keeps its id
+  for k in range(len(one)):
+    reps = three[3 * k:3 * k + 3]
+    assert len({r.id for r in reps}) == 3 and len({group_key(r.config) for r in reps}) == 1
+    assert [r.config.train.seed for r in reps] == [0, 1, 2]
+    assert [r.config.data.seed for r in reps] == [0, 1, 2]
+    diff = ckpt_lib.config_diff(reps[0].config_dict, reps[2].config_dict, MEMBER_FIELDS)
+    assert diff == []  # nothing but member fields differs
+    assert {(r.budget, r.n_params, r.tokens) for r in reps} == {(reps[0].budget,
+                                                                 reps[0].n_params,
+                                                                 reps[0].tokens)}
+
+
+def test_grouped_replicas_equal_lone_runs(tmp_path):
+  # seeds=2: each point's two replicas train as one lmjax.multirun group; the same sweep
+  # with group_size=1 trains all four runs alone. Same ids, same losses.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  losses = {}
+  for group_size in (8, 1):
+    workdir = tmp_path / f"g{group_size}"
+    cmd = _sweep_cmd(workdir, tmp_path / "cache") + [
+        "--config.budgets=(2e9,)", "--config.sizes_per_budget=2", "--config.seeds=2",
+        f"--config.group_size={group_size}", "--skip_fit"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("as one group") == (2 if group_size > 1 else 0), proc.stderr[-2000:]
+    db = sqlite3.connect(str(workdir / "manifest.sqlite"))
+    rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s FROM runs"))
+    assert len(rows) == 4 and all(r[1] == "done" and r[3] > 0 for r in rows), rows
+    losses[group_size] = {r[0]: r[2] for r in rows}
+    for rid in losses[group_size]:
+      events = workdir / "runs" / rid / "events.jsonl"  # lone runs write it only on events
+      events = events.read_text() if events.exists() else ""
+      assert ('"event": "group"' in events) == (group_size > 1)
+  assert losses[8].keys() == losses[1].keys()
+  for rid, loss in losses[1].items():
+    assert losses[8][rid] == pytest.approx(loss, rel=1e-5)
+  assert len(set(losses[1].values())) == 4  # the replicas really differ

@@ -1179,13 +1179,15 @@ def fit_all(table: RunsTable, *, approaches: Iterable[int] | None = None, n_boot
     raise ConfigError(f"bootstrap={n_boot} is too small for intervals; use 1000 or more.")
   if holdout_budgets < 0:
     raise ConfigError(f"holdout_budgets={holdout_budgets} is negative; use 0 (off) or more.")
+  n_runs = len(table)
+  table, replicas = table.mean_over_replicas()
   target = float(target_flops) if target_flops is not None else float(table.C.max())
   if not (target > 0 and math.isfinite(target)):
     raise ConfigError(f"target_flops={target_flops!r} must be a positive number.")
   counts = bootstrap_counts(len(table), n_boot, seed)
   holdout = _holdout_mask(table, holdout_budgets)
   report: dict[str, Any] = {
-      "n_runs": len(table), "has_curves": table.has_curves,
+      "n_runs": n_runs, "n_points": len(table), "has_curves": table.has_curves,
       "budgets_from": "given" if table.budget is not None else "C rounded to 0.1 dex",
       "n_budgets": int(len(np.unique(table.budgets))),
       "target_flops": target,
@@ -1194,6 +1196,8 @@ def fit_all(table: RunsTable, *, approaches: Iterable[int] | None = None, n_boot
                       "approach1_2_allocation": "N_opt = G C^a, D_opt = H C^b"},
       "holdout_budgets": holdout_budgets,
   }
+  if replicas:
+    report["replicas"] = replicas
   errors: list[str] = []
 
   def attempt(key, required, fn):

@@ -59,7 +59,14 @@ class SweepConfig:
   warmup_tokens_per_param: float = 1.0
   small_batch_tokens: int = 100_000
   evals_per_run: int = 8            # eval points along each learning curve
+  # Replicas: each planned (size, budget) point is trained `seeds` times, replica r with
+  # train.seed and data.seed offset by r (replica 0 is the base run, so its id does not
+  # change). The fit averages replicas into one point and reports their spread.
+  seeds: int = 1
   # Running.
+  # Up to this many claimable runs that differ only in seeds or lr (one
+  # lmjax.multirun.group_key) train together as one compiled group; 1 trains every run alone.
+  group_size: int = 8
   workers: int = 0                  # 0: runs in this process; k: k worker processes
   max_attempts: int = 2             # a failed run is retried until this many attempts
   stale_after_s: float = 900.0      # a 'running' run with no heartbeat this long is reclaimed
@@ -77,7 +84,7 @@ class SweepConfig:
                                           for b in self.budgets),
             f"sweep.budgets={self.budgets!r} must be a non-empty list of positive FLOP counts.")
     for name in ("sizes_per_budget", "head_dim", "mlp_ratio", "lr_base_width",
-                 "evals_per_run", "max_attempts", "bootstrap"):
+                 "evals_per_run", "max_attempts", "bootstrap", "seeds", "group_size"):
       check_positive(f"sweep.{name}", getattr(self, name))
     for name in ("size_span", "tokens_per_param", "aspect_ratio", "lr_base",
                  "warmup_tokens_per_param", "stale_after_s"):
@@ -141,11 +148,16 @@ def run_config(sweep: SweepConfig, model: ModelConfig, steps: int) -> Config:
   return dataclasses.replace(base, model=model, optim=optim, train=train, checkpoint=ckpt)
 
 
-def planned_run(sweep: SweepConfig, model: ModelConfig, budget: float, tokens: float) -> PlannedRun:
+def planned_run(sweep: SweepConfig, model: ModelConfig, budget: float, tokens: float,
+                replica: int = 0) -> PlannedRun:
   base = sweep.base
   tokens_per_step = base.train.global_batch * base.train.seq_len
   steps = max(1, math.ceil(tokens / tokens_per_step))
   cfg = run_config(sweep, model, steps)
+  if replica:
+    cfg = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, seed=cfg.train.seed + replica),
+        data=dataclasses.replace(cfg.data, seed=cfg.data.seed + replica))
   rid = run_id(cfg)
   cfg = dataclasses.replace(cfg, name=rid)
   D = steps * tokens_per_step
@@ -171,20 +183,22 @@ def isoflop_sizes(sweep: SweepConfig, budget: float) -> list[ModelConfig]:
 
 
 def plan(sweep: SweepConfig) -> list[PlannedRun]:
-  """Every run of the sweep, smallest budget first; ids are unique and stable."""
+  """Every run of the sweep, smallest budget first (replicas of a point adjacent); ids are
+  unique and stable."""
   conv, T = sweep.base.train.flops_convention, sweep.base.train.seq_len
-  runs: list[PlannedRun] = []
+  points: list[tuple[ModelConfig, float, float]] = []   # (model, budget, tokens)
   if sweep.design == "isoflop":
     for budget in sorted(sweep.budgets):
       for model in isoflop_sizes(sweep, budget):
-        runs.append(planned_run(sweep, model, budget,
-                             flops_lib.tokens_for_budget(model, T, budget, conv)))
+        points.append((model, budget, flops_lib.tokens_for_budget(model, T, budget, conv)))
   else:
     for width in sweep.ladder_widths:
       model = family_member(sweep, width)
       for m in sweep.token_multiples:
         tokens = m * flops_n(model)
-        runs.append(planned_run(sweep, model, flops_lib.run_flops(model, T, tokens, conv), tokens))
+        points.append((model, flops_lib.run_flops(model, T, tokens, conv), tokens))
+  runs = [planned_run(sweep, model, budget, tokens, replica)
+          for model, budget, tokens in points for replica in range(sweep.seeds)]
   ids = [r.id for r in runs]
   require(len(set(ids)) == len(ids),
           "the sweep plans the same run twice (two budgets round to the same model and "

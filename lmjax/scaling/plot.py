@@ -189,6 +189,7 @@ def plot_residuals(table: RunsTable, report: dict, out_dir: Path) -> list[Path]:
 
 def plot_all(table: RunsTable, report: dict, out_dir: str | Path) -> list[Path]:
   """Every figure the report supports; returns the written paths."""
+  table, _ = table.mean_over_replicas()  # the points fit_all fitted (residuals align)
   out = Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   paths = plot_loss_vs_compute(table, report, out)

@@ -132,6 +132,14 @@ def render_markdown(report: dict) -> str:
            f"{report['n_runs']} runs, {report['n_budgets']} budgets ({report['budgets_from']}), "
            f"learning curves: {'yes' if report['has_curves'] else 'no'}. Convention C = 6 N D. "
            f"Predictions at C = {report['target_flops']:.4g} FLOPs.", ""]
+  rep = report.get("replicas")
+  if rep:  # fit_all averaged replicas (same N and D, other seeds) into single points
+    lines += [f"Replicas: the {rep['n_runs']} runs are {rep['n_points']} points of "
+              f"{rep['replicas_per_point']['min']}-{rep['replicas_per_point']['max']} "
+              "replicas each (other seeds), averaged before fitting. Seed-to-seed spread of "
+              f"the final loss: pooled sd {_fmt(rep['loss_sd_pooled'])} (max "
+              f"{_fmt(rep['loss_sd_max'])}; median {rep['loss_rel_sd_median']:.2%} of the "
+              "loss).", ""]
   floor = report.get("true_entropy_floor")
   if floor is not None:  # sweep.py adds it for synthetic data, where it is known exactly
     lines += [f"Known irreducible loss of the data (entropy floor): {_fmt(float(floor))}; "

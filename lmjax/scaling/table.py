@@ -118,6 +118,53 @@ class RunsTable:
         run_id=None if self.run_id is None else tuple(self.run_id[i] for i in index),
         curves=None if self.curves is None else tuple(self.curves[i] for i in index))
 
+  def mean_over_replicas(self) -> tuple["RunsTable", dict | None]:
+    """Replicas averaged into one run each, and their spread (None if there are none).
+
+    Runs with equal N, D (and budget) are replicas of one point, e.g. the seeds of
+    sweep.seeds. Fits must see their mean once: as separate rows the IsoFLOP frontier
+    would take the luckiest seed (biased low) and the bootstrap would treat seed noise as
+    independent evidence. Each point's loss and C are the replica means, its id joins the
+    replica ids with '+', and its curve averages the replicas' curves where they were
+    evaluated at the same FLOPs (else it is the first replica's).
+    """
+    budgets = self.budget if self.budget is not None else np.full(len(self), np.nan)
+    groups: dict[tuple, list[int]] = {}
+    for i, key in enumerate(zip(self.N, self.D, budgets)):
+      groups.setdefault(tuple(float(v) for v in key), []).append(i)
+    if all(len(g) == 1 for g in groups.values()):
+      return self, None
+    order = sorted(groups.values())
+    ids = self.ids()
+
+    def mean_curve(g):
+      if self.curves is None or any(self.curves[i] is None for i in g):
+        return None if self.curves is None else self.curves[g[0]]
+      first = self.curves[g[0]]
+      if any(not np.array_equal(self.curves[i].flops, first.flops) for i in g):
+        return first
+      return Curve(first.flops, np.mean([self.curves[i].loss for i in g], axis=0))
+
+    table = RunsTable(
+        N=[self.N[g[0]] for g in order], D=[self.D[g[0]] for g in order],
+        C=[self.C[g].mean() for g in order], loss=[self.loss[g].mean() for g in order],
+        budget=None if self.budget is None else [self.budget[g[0]] for g in order],
+        run_id=["+".join(ids[i] for i in g) for g in order],
+        curves=None if self.curves is None else [mean_curve(g) for g in order])
+    multi = [g for g in order if len(g) > 1]
+    sds = np.array([np.std(self.loss[g], ddof=1) for g in multi])
+    rel = np.array([np.std(self.loss[g], ddof=1) / np.mean(self.loss[g]) for g in multi])
+    stats = {
+        "n_runs": len(self), "n_points": len(table),
+        "replicas_per_point": {"min": min(len(g) for g in order),
+                               "max": max(len(g) for g in order)},
+        # Pooled over points: sqrt of the mean within-point sample variance.
+        "loss_sd_pooled": float(np.sqrt(np.mean(sds ** 2))),
+        "loss_sd_max": float(sds.max()),
+        "loss_rel_sd_median": float(np.median(rel)),
+    }
+    return table, stats
+
   def drop_highest(self, k: int) -> "RunsTable":
     """Without the k runs of highest final loss (e.g. diverged or outlier runs)."""
     if k < 0:
