@@ -49,10 +49,11 @@ HEARTBEAT_S = 30.0  # how often a training run tells the manifest it is alive
 def _results(summary: dict, run_dir: str) -> dict:
   """The manifest's result columns for one finished training run."""
   evals = [r["eval_loss"] for r in read_metrics(run_dir) if r.get("eval_loss") is not None]
-  return {"achieved_flops": summary["flops"], "tokens": summary["tokens"],
+  # A group member that diverged while resuming alone has no totals: those stay NULL.
+  return {"achieved_flops": summary.get("flops"), "tokens": summary.get("tokens"),
           "final_eval_loss": summary["final_eval_loss"],
-          "best_eval_loss": min(evals) if evals else None, "wall_s": summary["wall_s"],
-          "compile_s": summary["compile_s"],
+          "best_eval_loss": min(evals) if evals else None, "wall_s": summary.get("wall_s"),
+          "compile_s": summary.get("compile_s"),
           "metrics_path": os.path.join(run_dir, "metrics.jsonl")}
 
 

@@ -238,3 +238,47 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
   for rid, loss in losses[1].items():
     assert losses[8][rid] == pytest.approx(loss, rel=1e-5)
   assert len(set(losses[1].values())) == 4  # the replicas really differ
+
+
+def test_drain_books_each_group_member_by_its_own_outcome(tmp_path, monkeypatch):
+  # Bookkeeping only (run_group is replaced): a claim takes a run plus its replicas (same
+  # group key, up to group_size), and each member's row gets its own status and results.
+  from lmjax import sweep as sweep_lib
+  from lmjax.preemption import StopFlag
+  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=2, seeds=3,
+                              group_size=2)
+  runs = plan(sweep)
+  m = manifest_lib.Manifest(str(tmp_path / "manifest.sqlite"))
+  m.add(runs)
+  point = {r.id: k // 3 for k, r in enumerate(runs)}
+  calls = []
+
+  def fake_group(rows, workdir, stop, on_step=None):
+    calls.append([r["id"] for r in rows])
+    out = []
+    for i, r in enumerate(rows):
+      res = {"achieved_flops": 1.0, "tokens": 2.0, "final_eval_loss": 3.0 + i,
+             "best_eval_loss": 3.0, "wall_s": 0.5, "compile_s": 0.1, "metrics_path": None}
+      out.append(dict(res, status="diverged" if i else "done",
+                      reason="bad streak" if i else None))
+    return out
+
+  def fake_one(row, workdir, stop, on_step=None):
+    calls.append([row["id"]])
+    return {"achieved_flops": 1.0, "tokens": 2.0, "final_eval_loss": 5.0,
+            "best_eval_loss": 5.0, "wall_s": 0.5, "compile_s": 0.1, "metrics_path": None}
+
+  monkeypatch.setattr(sweep_lib, "run_group", fake_group)
+  monkeypatch.setattr(sweep_lib, "run_one", fake_one)
+  sweep_lib.drain(m, [r.id for r in runs], sweep, str(tmp_path), StopFlag())
+  # 2 points x 3 seeds, groups of at most 2: [2, 1] per point, never mixing points.
+  assert [len(c) for c in calls] == [2, 1, 2, 1]
+  assert all(len({point[i] for i in c}) == 1 for c in calls)
+  rows = {r["id"]: r for r in m.rows()}
+  for c in calls:
+    if len(c) == 2:
+      assert rows[c[0]]["status"] == "done" and rows[c[0]]["final_eval_loss"] == 3.0
+      assert rows[c[1]]["status"] == "diverged" and rows[c[1]]["reason"] == "bad streak"
+    else:
+      assert rows[c[0]]["status"] == "done" and rows[c[0]]["final_eval_loss"] == 5.0
+  assert all(r["owner"] is None for r in rows.values())  # nothing left claimed
