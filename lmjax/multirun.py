@@ -48,7 +48,6 @@ Differences from a lone run, all deliberate simplifications for tiny runs:
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -71,8 +70,9 @@ from lmjax.errors import ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
-                         _check_workdir_config, _eval_record, _peak_flops, interval_record,
-                         make_eval_step, make_train_step, skip_reason, train)
+                         _check_workdir_config, _eval_record, _peak_flops,
+                         cpu_compiler_options, interval_record, make_eval_step,
+                         make_train_step, skip_reason, train)
 
 # Config keys in which the members of one group may differ (dotted, as config_diff names them).
 MEMBER_FIELDS = ("name", "train.seed", "data.seed", "optim.lr")
@@ -119,22 +119,10 @@ CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_options_accepted() -> bool:
-  """Whether this jaxlib knows CPU_COMPILER_OPTIONS (an experimental flag may go away)."""
-  try:
-    jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
-        jax.ShapeDtypeStruct((), np.float32)).compile()
-    return True
-  except Exception:  # pylint: disable=broad-except - any rejection means "compile without"
-    return False
-
-
 def default_compiler_options(mesh: jax.sharding.Mesh) -> dict | None:
-  """CPU_COMPILER_OPTIONS on a CPU mesh whose jaxlib accepts them, else None (XLA's own)."""
-  if mesh.devices.flat[0].platform == "cpu" and _cpu_options_accepted():
-    return dict(CPU_COMPILER_OPTIONS)
-  return None
+  """The lone step's CPU options plus CPU_COMPILER_OPTIONS on a CPU mesh whose jaxlib
+  accepts them, else None (XLA's own)."""
+  return cpu_compiler_options(mesh, CPU_COMPILER_OPTIONS)
 
 
 def _stacked(s: NamedSharding) -> NamedSharding:
@@ -242,8 +230,9 @@ class GroupTrainer:
                              self.members_per_vmap)
 
     if compiler_options == "default":
-      # The options fix vmapped reductions; a member at a time is the lone step's program.
-      compiler_options = (None if self.members_per_vmap == 1
+      # The ynn option fixes vmapped reductions; a member at a time is the lone step's
+      # program, compiled as a lone step is.
+      compiler_options = (cpu_compiler_options(mesh) if self.members_per_vmap == 1
                           else default_compiler_options(mesh))
     self.compiler_options = compiler_options
     self.train_step = jax.jit(group_step,

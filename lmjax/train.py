@@ -11,6 +11,7 @@ eval and checkpoint steps, so the device never waits on Python between them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -148,6 +149,36 @@ def make_eval_step(cfg: Config) -> Callable:
 
 # ----------------------------------------------------------------------- state and sharding
 
+# XLA:CPU options for the compiled steps. Its concurrency-optimised scheduler lets
+# independent dots (q, k, v projections; a weight gradient and its input gradient) run at
+# once, and each also splits itself over the same two cores: 'small' f32 steps took
+# 2,535 ms with it and 2,370 ms without (7 alternating process pairs; 'baby' unchanged).
+CPU_STEP_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options_key: tuple) -> bool:
+  """Whether this jaxlib compiles with these options (experimental flags come and go)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options_key)).lower(
+        jax.ShapeDtypeStruct((), np.float32)).compile()
+    return True
+  except Exception:  # pylint: disable=broad-except - any rejection means "compile without"
+    logging.warning("this jaxlib rejects XLA options %s; compiling without them", options_key)
+    return False
+
+
+def cpu_compiler_options(mesh: jax.sharding.Mesh, *extra: dict) -> dict | None:
+  """CPU_STEP_COMPILER_OPTIONS plus `extra` on a CPU mesh whose jaxlib accepts them, else
+  None (XLA's defaults; accelerators always get those)."""
+  if mesh.devices.flat[0].platform != "cpu":
+    return None
+  options = dict(CPU_STEP_COMPILER_OPTIONS)
+  for e in extra:
+    options.update(e)
+  return options if _accepted(tuple(sorted(options.items()))) else None
+
+
 class Trainer:
   """Compiled, sharded steps for one config on one mesh."""
 
@@ -195,10 +226,11 @@ class Trainer:
                               in_shardings=(self.state_shardings, batch_sh,
                                             sharding.replicated(mesh)),
                               out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-                              donate_argnums=0)
+                              donate_argnums=0, compiler_options=cpu_compiler_options(mesh))
     params_sh = self.state_shardings["params"]
     self.eval_step = jax.jit(with_rules(make_eval_step(cfg)), in_shardings=(params_sh, batch_sh),
-                             out_shardings=sharding.replicated(mesh))
+                             out_shardings=sharding.replicated(mesh),
+                             compiler_options=cpu_compiler_options(mesh))
 
   def init_state(self, seed: int | None = None) -> State:
     with jax.set_mesh(self.mesh):
