@@ -137,7 +137,7 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
       for rid in rids:
         manifest.release(rid)
       raise
-    except Diverged as e:  # not retried: the same config would diverge again
+    except Diverged as e:  # a lone run (a group reports divergence per member); not retried
       _say(f"run {rids[0]} diverged: {e}")
       manifest.finish(rids[0], status="diverged", reason=str(e))
       continue
