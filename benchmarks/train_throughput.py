@@ -106,20 +106,22 @@ def model_config(shape: dict, dtype: str, overrides: dict[str, Any]) -> ModelCon
                     n_layers=shape["n_layers"], n_heads=shape["n_heads"],
                     max_len=shape["seq_len"], position="learned", mlp="gelu",
                     norm="layernorm", norm_position="pre", tie_embeddings=True, dtype=dtype)
-  return dataclasses.replace(cfg, **overrides)
+  return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if "." not in k})
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-  """'attention=dot_product_attention,scan_layers=true' -> ModelConfig field values."""
+  """'attention=dot_product_attention,train.cpu_splits=1' -> ModelConfig field values, and
+  TrainConfig ones under 'train.'."""
   out: dict[str, Any] = {}
   if text in ("", "default"):
     return out
   types = {f.name: f.type for f in dataclasses.fields(ModelConfig)}
+  types.update({f"train.{f.name}": f.type for f in dataclasses.fields(TrainConfig)})
   for item in text.split(","):
     key, _, value = item.partition("=")
     key = key.strip()
     if key not in types:
-      raise SystemExit(f"unknown ModelConfig field {key!r} in variant {text!r}")
+      raise SystemExit(f"unknown ModelConfig (or train.) field {key!r} in variant {text!r}")
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(types[key]), str)
     out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
   return out
@@ -132,7 +134,9 @@ class LmjaxRunner:
     self.cfg = Config(model=model_config(shape, dtype, overrides), optim=OPTIM,
                       mesh=sharding.MeshConfig(data=1),
                       train=TrainConfig(global_batch=shape["batch"], seq_len=shape["seq_len"],
-                                        steps=TOTAL_STEPS, progress=False))
+                                        steps=TOTAL_STEPS, progress=False,
+                                        **{k[len("train."):]: v for k, v in overrides.items()
+                                           if k.startswith("train.")}))
     mesh = sharding.make_mesh(self.cfg.mesh, jax.devices()[:1])
     self.trainer = Trainer(self.cfg, mesh)
     self.state = self.trainer.init_state()

@@ -39,6 +39,7 @@ class TrainConfig:
   eval_every: int = 0             # 0: evaluate only at the end
   log_every: int = 10
   progress: bool = True           # the live step/total, loss, tokens/s, ETA line on stderr
+  cpu_splits: int = 0             # CPU only: sequential pieces per microbatch; 0 auto (lmjax.train.cpu_splits)
 
   def __post_init__(self):
     check_positive("train.global_batch", self.global_batch)
@@ -46,6 +47,10 @@ class TrainConfig:
     for name in ("steps", "tokens", "flops", "z_loss", "eval_every"):
       check_positive(f"train.{name}", getattr(self, name), allow_zero=True)
     check_positive("train.log_every", self.log_every)
+    require(isinstance(self.cpu_splits, int) and not isinstance(self.cpu_splits, bool)
+            and self.cpu_splits >= 0,
+            f"train.cpu_splits={self.cpu_splits!r} is invalid: use 0 (auto) or a whole number "
+            "of sequential pieces >= 1.")
     check_choice("train.flops_convention", self.flops_convention, CONVENTIONS)
     given = [n for n in ("steps", "tokens", "flops") if getattr(self, n)]
     require(len(given) == 1,

@@ -143,3 +143,59 @@ def test_cli_trains_in_a_relative_workdir(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert json.loads(again.stdout)["final_eval_loss"] == pytest.approx(
       json.loads(proc.stdout)["final_eval_loss"], rel=1e-6)
+
+
+def _mesh(data: int = 1):
+  import jax
+  from lmjax import sharding
+  return sharding.make_mesh(sharding.MeshConfig(data=data), jax.devices()[:data])
+
+
+def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
+  from lmjax.train import CPU_SPLIT_ELEMENTS, cpu_splits
+  small = _tiny()                                     # 8 x 32 tokens x d_model 32
+  assert cpu_splits(small, _mesh()) == 1
+  cfg = dataclasses.replace(small, model=dataclasses.replace(small.model, d_model=384, max_len=256),
+                            train=dataclasses.replace(small.train, global_batch=16, seq_len=256))
+  # nanoGPT 'small': 16 x 256 tokens x 384 = 3 x CPU_SPLIT_ELEMENTS -> the fewest dividing
+  # pieces that fit is 4; two data-parallel devices hold 8 rows each -> 2 pieces.
+  assert 16 * 256 * 384 == 3 * CPU_SPLIT_ELEMENTS
+  assert cpu_splits(cfg, _mesh()) == 4
+  assert cpu_splits(cfg, _mesh(2)) == 2
+  accum = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=2))
+  assert cpu_splits(accum, _mesh()) == 2
+  fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=8))
+  assert cpu_splits(fixed, _mesh()) == 8
+
+
+def test_cpu_splits_leave_the_training_trajectory_unchanged():
+  """Sequential pieces are gradient accumulation: same losses and parameters as one piece."""
+  import jax
+  from lmjax.train import Trainer
+  results = {}
+  for splits in (1, 4):
+    cfg = _tiny(cpu_splits=splits, steps=3)
+    trainer = Trainer(cfg, _mesh())
+    assert trainer.splits == splits
+    state = trainer.init_state()
+    losses = []
+    for i in range(3):
+      tok = np.random.default_rng(i).integers(0, cfg.model.vocab_size, (8, 33), np.int32)
+      mask = np.ones((8, 32), np.float32)
+      mask[i, 20:] = 0  # unequal token counts per piece: pieces must weight by tokens
+      batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": mask}
+      state, metrics = trainer.step(state, batch)
+      losses.append(float(metrics["loss"]))
+    results[splits] = (losses, jax.device_get(state["params"]))
+  np.testing.assert_allclose(results[4][0], results[1][0], rtol=2e-6)
+  for a, b in zip(jax.tree.leaves(results[4][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
+  from lmjax.errors import ConfigError
+  from lmjax.train import Trainer
+  with pytest.raises(ConfigError, match=r"train.cpu_splits=3 does not divide the 8 rows.*divisor"):
+    Trainer(_tiny(cpu_splits=3), _mesh())
+  with pytest.raises(ConfigError, match=r"train.cpu_splits=-1 is invalid"):
+    _tiny(cpu_splits=-1)
