@@ -194,12 +194,15 @@ CPU_SPLIT_ELEMENTS = 2 ** 19   # the most per-device tokens x d_model in one pie
 def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
   set, else the fewest that divide the per-device rows and keep a piece's tokens x d_model
-  within CPU_SPLIT_ELEMENTS (so small models, whose blocks glibc reuses, keep whole batches)."""
+  within CPU_SPLIT_ELEMENTS (the default sweep's small models keep whole batches)."""
   if mesh.devices.flat[0].platform != "cpu":
     return 1
-  if cfg.train.cpu_splits:
-    return cfg.train.cpu_splits
   rows = cfg.train.global_batch // (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum)
+  if cfg.train.cpu_splits:
+    require(rows % cfg.train.cpu_splits == 0,
+            f"train.cpu_splits={cfg.train.cpu_splits} does not divide the {rows} rows per device "
+            f"and microbatch; use a divisor of {rows}, or 0 (auto).", ConfigError)
+    return cfg.train.cpu_splits
   for k in range(1, rows + 1):
     if rows % k == 0 and rows // k * cfg.train.seq_len * cfg.model.d_model <= CPU_SPLIT_ELEMENTS:
       return k
@@ -216,10 +219,6 @@ class Trainer:
             f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel "
             f"size {dp} (mesh data*fsdp) x optim.grad_accum={cfg.optim.grad_accum}; use a "
             f"multiple of {dp * cfg.optim.grad_accum}.", ConfigError)
-    rows = cfg.train.global_batch // (dp * cfg.optim.grad_accum)
-    require(rows % max(cfg.train.cpu_splits, 1) == 0,
-            f"train.cpu_splits={cfg.train.cpu_splits} does not divide the {rows} rows per device "
-            f"and microbatch; use a divisor of {rows}, or 0 (auto).", ConfigError)
     self.splits = cpu_splits(cfg, mesh)
     self.total_steps = cfg.total_steps()
     self.lr_scale = 1.0  # lowered by rollbacks
