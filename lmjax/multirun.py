@@ -142,16 +142,17 @@ def _over_members(fn: Callable, xs_K, members_per_vmap: int | None):
   return jax.lax.map(fn, xs_K, batch_size=members_per_vmap)
 
 
-def make_group_step(cfg: Config, tx, members_per_vmap: int | None = None) -> Callable:
+def make_group_step(cfg: Config, tx, members_per_vmap: int | None = None,
+                    splits: int = 1) -> Callable:
   """(state_K, batch_KBT, hparams_K) -> (state_K, metrics_K): lmjax.train.make_train_step
   for every member, each with its own state, batch and hparams (leading axis K).
 
   members_per_vmap None vmaps all K members (one batched program); an integer m vmaps m
   members at a time and loops over the chunks inside the compiled step, and m=1 runs the
   lone step's own computation K times in a row (jax.lax.map), without the Python dispatch
-  of K separate steps.
+  of K separate steps. `splits` is the lone run's `lmjax.train.cpu_splits`.
   """
-  step = make_train_step(cfg, tx)
+  step = make_train_step(cfg, tx, splits)
 
   def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):
     return _over_members(lambda args: step(*args), (state_K, batch_KBT, hparams_K),
@@ -217,7 +218,7 @@ class GroupTrainer:
         "warmup_steps": np.full(self.size, cfg.optim.warmup_steps, np.int32),
         "peak_lr": np.array([c.optim.lr for c in self.cfgs], np.float32),
     }
-    member_step = make_group_step(cfg, self.tx, self.members_per_vmap)
+    member_step = make_group_step(cfg, self.tx, self.members_per_vmap, self.member.splits)
     member_eval = make_eval_step(cfg)
 
     def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):

@@ -191,3 +191,27 @@ def test_configs_that_cannot_share_a_group_are_one_line_errors():
     assert field in msg and "\n" not in msg, msg
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
       GroupTrainer([a, other], _mesh())
+
+
+def test_group_step_cuts_batches_like_the_lone_step():
+  """A group runs each member with its lone run's cpu_splits: bitwise the lone step."""
+  from lmjax.multirun import make_group_step
+  from lmjax.train import make_train_step
+  cfg = _member(*MEMBERS[0])
+  cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=2))
+  group = GroupTrainer([cfg], _mesh())
+  assert group.member.splits == 2
+  tx = group.member.tx
+  state = group.member.init_state()
+  tok = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (8, 33), np.int32)
+  mask = np.ones((8, 32), np.float32)
+  mask[1, 9:] = 0
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": mask}
+  hparams = {"total_steps": np.int32(STEPS), "warmup_steps": np.int32(2),
+             "peak_lr": np.float32(cfg.optim.lr), "skip": np.bool_(False)}
+  stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
+  _, lone_m = jax.jit(make_train_step(cfg, tx, 2))(state, batch, hparams)
+  _, group_m = jax.jit(make_group_step(cfg, tx, 1, 2))(stack(jax.device_get(state)), stack(batch),
+                                                       stack(hparams))
+  for key in ("loss", "grad_norm", "param_norm"):
+    assert float(group_m[key][0]) == float(lone_m[key]), key
