@@ -64,6 +64,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
 from lmjax import sharding
+from lmjax.compile_clock import CompileClock
 from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.errors import ConfigError, require
@@ -319,8 +320,9 @@ def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
   """Trains cfgs[k] in workdirs[k] for every k, as one group; returns their summaries.
 
   Each summary has the keys of `lmjax.train.train`'s (steps, tokens, flops,
-  final_eval_loss, wall_s, compile_s, skipped_steps, rollbacks) plus status ("done" or
-  "diverged"), reason, group_size, members_per_vmap, group_wall_s and group_compile_s.
+  final_eval_loss, wall_s, compile_s, first_step_s, skipped_steps, rollbacks) plus status
+  ("done" or "diverged"), reason, group_size, members_per_vmap, group_wall_s and
+  group_compile_s.
   wall_s and compile_s are the member's share (the group's divided by K), so summing over
   runs, as the sweep does, counts the time once. A diverged member has final_eval_loss
   None.
@@ -367,6 +369,13 @@ def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
 
 def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
                        stop) -> list[dict]:
+  with CompileClock() as clock:
+    return _run_group(cfgs, workdirs, mesh, members_per_vmap=members_per_vmap,
+                      on_step=on_step, stop=stop, clock=clock)
+
+
+def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
+               clock: CompileClock) -> list[dict]:
   t_start = time.time()
   cfg, K = cfgs[0], len(cfgs)
   group = GroupTrainer(cfgs, mesh, members_per_vmap=members_per_vmap)
@@ -392,7 +401,7 @@ def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
 
   pending: list[tuple[int, list[dict], dict]] = []  # (step, data positions, metrics_K)
   interval_start, interval_steps = time.time(), 0
-  compile_s = None
+  first_step_s = None
   step = 0
 
   def flush() -> list[tuple[dict, int] | None]:
@@ -427,9 +436,9 @@ def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
       # A stopped member keeps its slot (the shapes are fixed) but every step is skipped.
       skip_K = [bool(m.diverged) or step + 1 in m.skips for m in members]
       state_K, metrics_K = group.step(state_K, batch_KBT, skip=skip_K)
-      if compile_s is None:
+      if first_step_s is None:
         jax.block_until_ready(metrics_K)
-        compile_s = time.time() - t0
+        first_step_s = time.time() - t0
         interval_start = time.time()  # keep compilation out of tokens/s
       else:
         interval_steps += 1
@@ -476,14 +485,15 @@ def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
       m.writer.close()
     progress.close()
 
-  group_wall = time.time() - t_start
+  group_wall, compile_s = time.time() - t_start, clock.seconds
   results = []
   for m in members:
     results.append({
         "steps": total, "tokens": total * tokens_per_step,
         "flops": total * tokens_per_step * flops_per_token,
         "final_eval_loss": None if m.diverged else m.last_eval,
-        "wall_s": group_wall / K, "compile_s": (compile_s or 0.0) / K,
+        "wall_s": group_wall / K, "compile_s": compile_s / K,
+        "first_step_s": first_step_s,
         "skipped_steps": len(m.skips), "rollbacks": 0,
         "status": "diverged" if m.diverged else "done", "reason": m.diverged,
         "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,

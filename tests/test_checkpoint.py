@@ -10,6 +10,8 @@ import logging
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +119,46 @@ def test_fingerprint_is_sharding_independent():
   fps.add(ck.fingerprint(jax.device_put(
       x, NamedSharding(_mesh((2, 4), ("a", "b")), P("b", "a")))))
   assert len(fps) == 1
+
+
+def test_host_fingerprints_equal_device_fingerprints_bit_for_bit():
+  # fingerprint_tree takes small arrays on the host: a checkpoint saved that way must verify
+  # on restore where the same array may be large enough, or sharded, to go on device.
+  rng = np.random.default_rng(1)
+  cases = {
+      "f32": rng.normal(size=(5, 7)).astype(np.float32),
+      "bf16": rng.normal(size=(3, 9)).astype(jnp.bfloat16),
+      "f16": rng.normal(size=(11,)).astype(np.float16),
+      "i8": rng.integers(-128, 127, size=(4, 4, 3), dtype=np.int8),
+      "u32": rng.integers(0, 2**32, size=(6, 2), dtype=np.uint32),
+      "i32_scalar": np.int32(-5),
+      "bool": rng.random(size=(13,)) < 0.5,
+      "c64": (rng.normal(size=(2, 3)) + 1j * rng.normal(size=(2, 3))).astype(np.complex64),
+  }
+  for name, x in cases.items():
+    device = np.asarray(ck._fingerprint_words(jnp.asarray(x)))
+    host = ck._fingerprint_words_host(np.asarray(jnp.asarray(x)))
+    np.testing.assert_array_equal(host, device, err_msg=name)
+  x = jnp.asarray(cases["f32"])
+  assert ck._on_host(x) and not ck._on_host(x.reshape(-1).repeat(8000))
+  sharded = jax.device_put(jnp.tile(x, (8, 1)), NamedSharding(_mesh((8,), ("d",)), P("d")))
+  assert ck._on_host(sharded)  # fully addressable: gathered to the host
+  tree = {"small": x, "sharded": sharded,
+          "big": jnp.arange(ck.HOST_FINGERPRINT_MAX_ELEMENTS + 3, dtype=jnp.float32)}
+  got = ck.fingerprint_tree(tree)
+  for key, leaf in (("['small']", x), ("['sharded']", sharded), ("['big']", tree["big"])):
+    assert got[key]["fingerprint"] == ck.fingerprint(leaf), key  # device path throughout
+  # 8-byte elements (only with x64, so in a process of its own): two words, low word first.
+  code = ("import jax, jax.numpy as jnp, numpy as np; from lmjax import checkpoint as ck\n"
+          "for x in (np.linspace(-3, 7, 12).reshape(3, 4), np.arange(-5, 6, dtype=np.int64)):\n"
+          "  x = jnp.asarray(x); assert x.dtype.itemsize == 8\n"
+          "  np.testing.assert_array_equal(ck._fingerprint_words_host(np.asarray(x)),\n"
+          "                                np.asarray(ck._fingerprint_words(x)))\n"
+          "print('ok')")
+  env = dict(os.environ, JAX_ENABLE_X64="1", PYTHONPATH=str(pathlib.Path(__file__).parents[1]))
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 # -- round trips and resharding -----------------------------------------------

@@ -43,6 +43,8 @@ def test_smoke_config_learns(tmp_path):
   # The synthetic language has 256 tokens: log(256) = 5.55 nats is "knows nothing".
   assert first > 4.5 and last < first - 1.5, (first, last)
   assert summary["final_eval_loss"] < first - 1.5
+  # Every program of the run (init, train, eval, fingerprints) counts, each once.
+  assert 0 < summary["compile_s"] < summary["wall_s"]
   for key in ("step", "loss", "tokens", "flops", "grad_norm", "param_norm", "lr",
               "bits_per_token"):
     assert key in records[-1]

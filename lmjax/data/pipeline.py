@@ -27,6 +27,7 @@ from lmjax.data.tokenizer import ByteTokenizer, make_tokenizer, padded_vocab_siz
 from lmjax.errors import ConfigError, DataError
 
 STATE_VERSION = 1
+SYNTHETIC_BLOCK_ROWS = 256  # rows the synthetic pipeline samples per call (see batch_at)
 SPLIT_ALIASES = {"train": "train", "validation": "validation", "eval": "validation",
                  "valid": "validation"}
 
@@ -131,18 +132,35 @@ class SyntheticPipeline(Pipeline):
     self.bytes_per_token = None
     # The eval stream is keyed by eval_seed so it is the same for every training seed.
     self._seed = cfg.eval_seed if self.split == "validation" else cfg.seed
+    self._block_start, self._block = 0, np.zeros((0,), np.int32)
 
   def _fingerprint(self) -> dict:
     return dict(super()._fingerprint(), seed=self._seed,
                 structure=self.language.structure, vocab_size=self.vocab_size)
 
+  def batch_at(self, step: int) -> dict[str, np.ndarray]:
+    # Sampling is vectorised over rows, and a 16-row batch is mostly per-call overhead
+    # (0.55 ms, against 0.21 ms per 16 rows in calls of 256): sample the rows of several
+    # steps at once and serve them from the block. Row ids alone decide the tokens.
+    if not 0 <= step - self._block_start < len(self._block):
+      if step < 0:
+        raise ConfigError(f"step={step} is invalid; use a non-negative integer.")
+      n = max(1, SYNTHETIC_BLOCK_ROWS // self.local_batch)
+      rows = np.concatenate([self.local_rows(s) for s in range(step, step + n)])
+      seqs = self.language.sample(rows, self.seq_len + 1, seed=self._seed, split=self.split)
+      self._block_start, self._block = step, seqs.reshape(n, self.local_batch, -1)
+    return self._batch(self._block[step - self._block_start])
+
   def _rows(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-    seqs = self.language.sample(rows, self.seq_len + 1, seed=self._seed, split=self.split)
+    return self._batch(self.language.sample(rows, self.seq_len + 1, seed=self._seed,
+                                            split=self.split))
+
+  def _batch(self, seqs: np.ndarray) -> dict[str, np.ndarray]:
     batch = dict(inputs=np.ascontiguousarray(seqs[:, :-1]),
                  targets=np.ascontiguousarray(seqs[:, 1:]),
-                 mask=np.ones((len(rows), self.seq_len), np.float32))
+                 mask=np.ones((len(seqs), self.seq_len), np.float32))
     if self.cfg.segment_ids:
-      batch["segment_ids"] = np.ones((len(rows), self.seq_len), np.int32)
+      batch["segment_ids"] = np.ones((len(seqs), self.seq_len), np.int32)
     return batch
 
 
