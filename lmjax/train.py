@@ -10,6 +10,7 @@ eval and checkpoint steps, so the device never waits on Python between them.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -17,7 +18,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -36,7 +37,7 @@ from lmjax.data import pipeline as data_lib
 from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.model import Transformer
-from lmjax.optim import accumulate_gradients, make_optimizer, schedule_value
+from lmjax.optim import accumulate_gradients, make_optimizer, make_schedule, schedule_value
 from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
 State = dict  # {"step": int32[], "params": ..., "opt_state": ..., "rng": key data}
@@ -218,8 +219,99 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   return max(rows, 1)
 
 
+# Config fields a run's programs never see: they reach the step as traced hparams (lr,
+# warmup and total steps), the init as its key (seed), or live outside the step.
+NOT_IN_PROGRAMS = ("name", "data", "checkpoint", "train.seed", "train.steps", "train.tokens",
+                   "train.flops", "train.flops_convention", "train.eval_every",
+                   "train.log_every", "train.progress", "optim.lr", "optim.warmup_steps",
+                   "guard.max_consecutive_bad", "guard.max_rollbacks",
+                   "guard.rollback_lr_factor")
+
+
+def program_key(cfg: Config) -> str:
+  """Equal for configs whose init, train and eval programs are the same: an IsoFLOP
+  sweep's runs of one model size at different budgets, or seed replicas."""
+  d = config_lib.to_dict(cfg)
+  for path in NOT_IN_PROGRAMS:
+    *parents, leaf = path.split(".")
+    node = d
+    for key in parents:
+      node = node[key]
+    node.pop(leaf)
+  return json.dumps(d, sort_keys=True)
+
+
+class _Programs(NamedTuple):
+  tx: optax.GradientTransformation
+  state_shardings: Any
+  abstract_state: Any
+  init: Callable
+  train_step: Callable
+  eval_step: Callable
+
+
+# Recently built programs, so that a sweep's later runs of a shape skip tracing, lowering
+# and compiling (the persistent cache skips only the compiling): on the default CPU sweep
+# that took 0.8-1.8 s a run. Keyed by everything the programs depend on.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+PROGRAMS_KEPT = 8
+
+
+def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
+  step_options, init_options = (cpu_compiler_options(mesh),
+                                cpu_compiler_options(mesh, base=CPU_INIT_COMPILER_OPTIONS))
+  # The builders' identities too: a test or benchmark that swaps one gets fresh programs.
+  key = (program_key(cfg), mesh, splits, repr(step_options), repr(init_options),
+         Transformer, make_train_step, make_eval_step, make_optimizer)
+  if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
+    return _PROGRAMS[key]
+  model = Transformer(cfg.model)
+
+  def init_boxed(rng):
+    params_rng, rng = jax.random.split(rng)
+    params = model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": tx.init(params), "rng": jax.random.key_data(rng),
+            "guard": init_guard_state()}
+
+  abstract_params = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
+  # Without the lr (scale_by_lr=False) the optimizer does not use the schedule's length.
+  tx = make_optimizer(cfg.optim, cfg.total_steps(), abstract_params["params"],
+                      scale_by_lr=False)
+  boxed = jax.eval_shape(init_boxed, jax.random.key(0))
+  state_shardings = sharding.tree_shardings(boxed, mesh)
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                nn.meta.unbox(boxed), state_shardings)
+  init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)), out_shardings=state_shardings,
+                 compiler_options=init_options)
+  batch_sh = sharding.batch_sharding(mesh)
+  rules = sharding.activation_rules(mesh)
+
+  def with_rules(fn):
+    def wrapped(*args):
+      with nn.logical_axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  train_step = jax.jit(with_rules(make_train_step(cfg, tx, splits)),
+                       in_shardings=(state_shardings, batch_sh, sharding.replicated(mesh)),
+                       out_shardings=(state_shardings, sharding.replicated(mesh)),
+                       donate_argnums=0, compiler_options=step_options)
+  eval_step = jax.jit(with_rules(make_eval_step(cfg)),
+                      in_shardings=(state_shardings["params"], batch_sh),
+                      out_shardings=sharding.replicated(mesh), compiler_options=step_options)
+  programs = _Programs(tx, state_shardings, abstract_state, init, train_step, eval_step)
+  _PROGRAMS[key] = programs
+  while len(_PROGRAMS) > PROGRAMS_KEPT:
+    _PROGRAMS.popitem(last=False)
+  return programs
+
+
 class Trainer:
-  """Compiled, sharded steps for one config on one mesh."""
+  """Compiled, sharded steps for one config on one mesh (shared with earlier Trainers of
+  the same `program_key`)."""
 
   def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
     self.cfg, self.mesh = cfg, mesh
@@ -230,49 +322,12 @@ class Trainer:
             f"multiple of {dp * cfg.optim.grad_accum}.", ConfigError)
     self.splits = cpu_splits(cfg, mesh)
     self.total_steps = cfg.total_steps()
+    make_schedule(cfg.optim, self.total_steps)  # checks warmup and decay fit this run
     self.lr_scale = 1.0  # lowered by rollbacks
     self._hparams = {"total_steps": np.int32(self.total_steps),
                      "warmup_steps": np.int32(cfg.optim.warmup_steps)}
-    model = Transformer(cfg.model)
-
-    def init_boxed(rng):
-      params_rng, rng = jax.random.split(rng)
-      params = model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
-      return {"step": jnp.zeros((), jnp.int32), "params": params,
-              "opt_state": self.tx.init(params), "rng": jax.random.key_data(rng),
-              "guard": init_guard_state()}
-
-    abstract_params = jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
-    self.tx = make_optimizer(cfg.optim, self.total_steps, abstract_params["params"],
-                             scale_by_lr=False)
-    boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    self.state_shardings = sharding.tree_shardings(boxed, mesh)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-        nn.meta.unbox(boxed), self.state_shardings)
-    self._init = jax.jit(lambda rng: nn.meta.unbox(init_boxed(rng)),
-                         out_shardings=self.state_shardings,
-                         compiler_options=cpu_compiler_options(
-                             mesh, base=CPU_INIT_COMPILER_OPTIONS))
-    batch_sh = sharding.batch_sharding(mesh)
-    rules = sharding.activation_rules(mesh)
-
-    def with_rules(fn):
-      def wrapped(*args):
-        with nn.logical_axis_rules(rules):
-          return fn(*args)
-      return wrapped
-
-    self.train_step = jax.jit(with_rules(make_train_step(cfg, self.tx, self.splits)),
-                              in_shardings=(self.state_shardings, batch_sh,
-                                            sharding.replicated(mesh)),
-                              out_shardings=(self.state_shardings, sharding.replicated(mesh)),
-                              donate_argnums=0, compiler_options=cpu_compiler_options(mesh))
-    params_sh = self.state_shardings["params"]
-    self.eval_step = jax.jit(with_rules(make_eval_step(cfg)), in_shardings=(params_sh, batch_sh),
-                             out_shardings=sharding.replicated(mesh),
-                             compiler_options=cpu_compiler_options(mesh))
+    (self.tx, self.state_shardings, self.abstract_state, self._init, self.train_step,
+     self.eval_step) = _programs(cfg, mesh, self.splits)
 
   def init_state(self, seed: int | None = None) -> State:
     with jax.set_mesh(self.mesh):

@@ -201,3 +201,35 @@ def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
     Trainer(_tiny(cpu_splits=3), _mesh())
   with pytest.raises(ConfigError, match=r"train.cpu_splits=-1 is invalid"):
     _tiny(cpu_splits=-1)
+
+
+def test_runs_of_one_shape_reuse_programs_and_train_as_if_built_afresh(tmp_path):
+  # A sweep's runs of one model size differ in lr, warmup, length and seeds only: the second
+  # reuses the first's compiled programs, and must train bit for bit as if it had not.
+  from lmjax import sharding
+  from lmjax import train as train_lib
+  from lmjax.compile_clock import CompileClock
+  a = _tiny(steps=10, log_every=1, eval_every=5)
+  b = dataclasses.replace(
+      a, name="b", optim=dataclasses.replace(a.optim, lr=a.optim.lr * 3, warmup_steps=3),
+      train=dataclasses.replace(a.train, steps=8, seed=1, eval_every=4),
+      data=dataclasses.replace(a.data, seed=2))
+  assert train_lib.program_key(a) == train_lib.program_key(b)
+  train_lib._PROGRAMS.clear()
+  fresh = train(b, str(tmp_path / "fresh"))
+  train_lib._PROGRAMS.clear()
+  train(a, str(tmp_path / "a"))
+  mesh = sharding.make_mesh(a.mesh)
+  with CompileClock() as clock:
+    assert train_lib.Trainer(b, mesh).train_step is train_lib.Trainer(a, mesh).train_step
+    reused = train(b, str(tmp_path / "reused"))
+  assert clock.programs == 0  # nothing traced, lowered or compiled again
+  assert [r["loss"] for r in read_metrics(str(tmp_path / "reused"))] == \
+      [r["loss"] for r in read_metrics(str(tmp_path / "fresh"))]
+  assert reused["final_eval_loss"] == fresh["final_eval_loss"]
+  # A field the step does read gets programs of its own.
+  for other in (dataclasses.replace(a, guard=dataclasses.replace(a.guard, spike_k=3.0)),
+                dataclasses.replace(a, train=dataclasses.replace(a.train, z_loss=1e-4)),
+                dataclasses.replace(a, optim=dataclasses.replace(a.optim, b2=0.9))):
+    assert train_lib.program_key(other) != train_lib.program_key(a)
+    assert train_lib.Trainer(other, mesh).train_step is not train_lib.Trainer(a, mesh).train_step
