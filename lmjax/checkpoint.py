@@ -229,13 +229,12 @@ def _format_fp(words: Any) -> str:
 def fingerprint_tree(tree: Any) -> dict[str, dict[str, Any]]:
   """{keystr(path): {"shape", "dtype", "fingerprint"}} for every array leaf."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-  # Dispatch every device leaf first, then fetch once: one host sync, not one per leaf.
-  arrays = [x if _on_host(x) else jnp.asarray(x) for _, x in flat]
-  on_device = [None if _on_host(x) else _fingerprint_words(x) for x in arrays]
-  host = jax.device_get([x if w is None else None for x, w in zip(arrays, on_device)])
-  words = jax.device_get(on_device)
-  words = [_fingerprint_words_host(np.asarray(h)) if w is None else w
-           for h, w in zip(host, words)]
+  local = [_on_host(x) for _, x in flat]
+  arrays = [x if h else jnp.asarray(x) for (_, x), h in zip(flat, local)]
+  # Dispatch every device fingerprint first, then fetch once (one host sync, not one per
+  # leaf): the words of device leaves and the values of host leaves.
+  fetched = jax.device_get([x if h else _fingerprint_words(x) for x, h in zip(arrays, local)])
+  words = [_fingerprint_words_host(np.asarray(f)) if h else f for f, h in zip(fetched, local)]
   return {
       jax.tree_util.keystr(path): {"shape": list(x.shape), "dtype": str(x.dtype),
                                    "fingerprint": _format_fp(w)}
