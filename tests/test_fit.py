@@ -438,3 +438,27 @@ def test_fit_all_fits_replica_means_not_the_luckiest_seed(tmp_path):
   R.write_report(got, tmp_path)
   assert "Replicas: the 126 runs are 63 points" in (tmp_path / "report.md").read_text()
   assert P.plot_all(reps, got, tmp_path)  # residuals line up with the averaged points
+
+
+def test_overflowing_bootstrap_samples_widen_the_interval_instead_of_vanishing():
+  # A resample whose G * C^a overflows is an outcome beyond every finite one: dropping it
+  # (as summarise once did) pulls the upper bound in. NaN (a failed fit) is still dropped.
+  from lmjax.scaling.report import _interval
+  rng = np.random.default_rng(0)
+  finite = rng.lognormal(size=198)
+  plain = F.summarise(1.0, finite)
+  assert plain["ci95"] == [float(v) for v in np.percentile(finite, [2.5, 97.5])]
+  two_inf = F.summarise(1.0, np.concatenate([finite, [np.inf, np.inf], [np.nan] * 5]))
+  # Ranks with the two infinities on top: the same percentile as of a huge stand-in value.
+  stand_in = np.percentile(np.concatenate([finite, [1e300, 1e300]]), [2.5, 97.5])
+  assert two_inf["ci95"] == pytest.approx(list(stand_in), rel=1e-12)
+  assert two_inf["ci95"][1] > np.percentile(finite, 97.5)  # wider than dropping them
+  assert two_inf["se"] == pytest.approx(np.std(finite, ddof=1))
+  many_inf = F.summarise(1.0, np.concatenate([finite[:90], [np.inf] * 10]))
+  lo, hi = many_inf["ci95"]
+  assert hi is None and lo == pytest.approx(np.percentile(
+      np.concatenate([finite[:90], [1e300] * 10]), 2.5), rel=1e-12)
+  assert F._covers([lo, None], 1e200) and not F._covers([lo, None], lo / 2)
+  assert F._covers([None, None], 1.0) is None
+  assert _interval([lo, None]).endswith(", inf)") and _interval([None, None]) == "-"
+  assert F.summarise(1.0, [np.inf, np.inf, 2.0])["ci95"] == [None, None]  # < 2 finite

@@ -675,13 +675,32 @@ def bootstrap_counts(n: int, n_boot: int, seed: int | Sequence[int]) -> np.ndarr
 
 
 def summarise(value: float, samples: np.ndarray) -> dict:
-  """{"value", "ci95": [lo, hi] (percentile), "se"} over the finite bootstrap samples."""
+  """{"value", "ci95": [lo, hi] (percentile), "se"} over the bootstrap samples.
+
+  NaN marks a failed resample and is left out. +-inf is a resample whose prediction
+  overflowed (G * C^a with a wild exponent): a real outcome beyond every finite one, so it
+  stays in the percentiles, and a bound that lands on it is None (unbounded on that side).
+  Dropping it would pull the bound in. se is over the finite samples.
+  """
   s = np.asarray(samples, np.float64)
-  s = s[np.isfinite(s)]
-  if s.size < 2:
+  s = s[~np.isnan(s)]
+  finite = s[np.isfinite(s)]
+  if finite.size < 2:
     return {"value": _num(value), "ci95": [None, None], "se": None}
-  lo, hi = np.percentile(s, [2.5, 97.5])
-  return {"value": _num(value), "ci95": [float(lo), float(hi)], "se": float(s.std(ddof=1))}
+  if finite.size == s.size:
+    lo, hi = (float(v) for v in np.percentile(s, [2.5, 97.5]))
+  else:
+    lo, hi = (_percentile_or_none(np.sort(s), q) for q in (2.5, 97.5))
+  return {"value": _num(value), "ci95": [lo, hi], "se": float(finite.std(ddof=1))}
+
+
+def _percentile_or_none(sorted_s: np.ndarray, q: float) -> float | None:
+  """np.percentile (linear) of sorted samples with +-inf in them: None if it touches one."""
+  pos = (sorted_s.size - 1) * q / 100.0
+  i, j = int(np.floor(pos)), int(np.ceil(pos))
+  if not (np.isfinite(sorted_s[i]) and np.isfinite(sorted_s[j])):
+    return None
+  return float(np.percentile(sorted_s[i:j + 1], 100.0 * (pos - i)))
 
 
 def _num(v) -> float | None:
@@ -690,9 +709,10 @@ def _num(v) -> float | None:
 
 
 def _covers(ci, observed) -> bool | None:
-  if ci[0] is None:
+  """Whether the interval holds `observed`; a None bound is open, [None, None] unknown."""
+  if ci[0] is None and ci[1] is None:
     return None
-  return bool(ci[0] <= observed <= ci[1])
+  return bool((ci[0] is None or ci[0] <= observed) and (ci[1] is None or observed <= ci[1]))
 
 
 def _bootstrap_info(n_boot: int, n_failed: int, seed: int) -> dict:
@@ -1046,6 +1066,11 @@ def _optima_section(name, C, N_opt, D_opt, valid, counts_rows, target, seed, min
                     "or choose other approaches with --approaches.")
   bs = slice(1, None)
   Gb, ab, Hb, bb = (np.where(ok[bs], v[bs], np.nan) for v in (G, a, H, b))
+  # A wild resample's exponent overflows to inf (kept, see summarise); times G = 0 it is
+  # NaN, a failed resample.
+  with np.errstate(over="ignore", invalid="ignore"):
+    N_at, D_at = G[0] * target ** a[0], H[0] * target ** b[0]
+    N_at_b, D_at_b = Gb * target ** ab, Hb * target ** bb
   section = {
       "status": OK, "n_points": n_main,
       "law": "N_opt = G * C^a, D_opt = H * C^b",
@@ -1053,8 +1078,7 @@ def _optima_section(name, C, N_opt, D_opt, valid, counts_rows, target, seed, min
       "params": {"G": summarise(G[0], Gb), "a": summarise(a[0], ab),
                  "H": summarise(H[0], Hb), "b": summarise(b[0], bb)},
       "prediction": {"target_flops": target,
-                     "N_opt": summarise(G[0] * target ** a[0], Gb * target ** ab),
-                     "D_opt": summarise(H[0] * target ** b[0], Hb * target ** bb)},
+                     "N_opt": summarise(N_at, N_at_b), "D_opt": summarise(D_at, D_at_b)},
       "bootstrap": _bootstrap_info(counts_rows, int((~ok[bs]).sum()), seed),
   }
   return section, {"G": Gb, "a": ab, "H": Hb, "b": bb}

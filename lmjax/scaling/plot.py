@@ -85,7 +85,7 @@ def plot_loss_vs_compute(table: RunsTable, report: dict, out_dir: Path) -> list[
     for key, lw, cap, name in (("pi95", 1, 4, "95% PI (new run)"),
                                ("ci95", 3, 0, "95% CI (curve)")):
       iv = pt.get(key)
-      if iv and iv[0] is not None:
+      if iv and None not in iv:  # an unbounded side (see fit.summarise) gets no bar
         ax.errorbar([pt["C"]], [pt["predicted"]], fmt="s", color="C3", ms=4, capsize=cap,
                     elinewidth=lw, yerr=[[pt["predicted"] - iv[0]], [iv[1] - pt["predicted"]]],
                     label=None if labelled else f"held-out prediction, {name}")

@@ -53,9 +53,11 @@ def _fmt(v) -> str:
 
 
 def _interval(ci) -> str:
-  if not ci or ci[0] is None:
+  if not ci or (ci[0] is None and ci[1] is None):
     return "-"
-  return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+  lo = "(-inf" if ci[0] is None else f"[{_fmt(ci[0])}"  # None: unbounded (see summarise)
+  hi = "inf)" if ci[1] is None else f"{_fmt(ci[1])}]"
+  return f"{lo}, {hi}"
 
 
 def _pct(v) -> str:
