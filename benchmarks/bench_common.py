@@ -1,12 +1,19 @@
 """What every benchmark script reports the same way: the machine, and the JSON it prints."""
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import os
 import platform
 from typing import Any
 
 import jax
+
+from lmjax import config as config_lib
+from lmjax import flops as flops_lib
+from lmjax.config import Config
+from lmjax.scaling.plan import SweepConfig, plan
 
 
 def machine_info() -> dict[str, Any]:
@@ -45,3 +52,30 @@ def emit(report: dict, out: str = "") -> None:
   if out:
     with open(out, "w") as f:
       f.write(text + "\n")
+
+
+def load_average() -> list[float] | None:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def sweep_shapes(path: str, widths: list[int] | None) -> list[Config]:
+  """One planned config per distinct model shape of the sweep, smallest first."""
+  spec = importlib.util.spec_from_file_location("sweep_cfg", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  sweep = config_lib.from_dict(SweepConfig, module.get_config())
+  by_shape: dict[str, Config] = {}
+  for run in plan(sweep):
+    key = json.dumps(dataclasses.asdict(run.config.model), sort_keys=True)
+    by_shape.setdefault(key, run.config)
+  cfgs = sorted(by_shape.values(), key=lambda c: flops_lib.param_counts(c.model).total)
+  if widths:
+    missing = sorted(set(widths) - {c.model.d_model for c in cfgs})
+    if missing:
+      raise SystemExit(f"the sweep has no model of width {missing}; it has "
+                       f"{sorted({c.model.d_model for c in cfgs})}")
+    cfgs = [c for c in cfgs if c.model.d_model in widths]
+  return cfgs

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import json
 import math
 import os
 import statistics
@@ -40,45 +38,16 @@ import bench_common
 import jax
 import numpy as np
 
-from lmjax import config as config_lib
 from lmjax import flops as flops_lib
 from lmjax import sharding
 from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.multirun import GroupTrainer, default_compiler_options
-from lmjax.scaling.plan import SweepConfig, plan
 from lmjax.train import Trainer
 
 DEFAULT_SWEEP = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs",
                              "sweeps", "cpu_default.py")
 N_BATCHES = 4   # distinct pre-placed batches per member, cycled
-
-
-def load_average() -> list[float] | None:
-  try:
-    return [round(x, 2) for x in os.getloadavg()]
-  except OSError:
-    return None
-
-
-def sweep_shapes(path: str, widths: list[int] | None) -> list[Config]:
-  """One planned config per distinct model shape of the sweep, smallest first."""
-  spec = importlib.util.spec_from_file_location("sweep_cfg", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  sweep = config_lib.from_dict(SweepConfig, module.get_config())
-  by_shape: dict[str, Config] = {}
-  for run in plan(sweep):
-    key = json.dumps(dataclasses.asdict(run.config.model), sort_keys=True)
-    by_shape.setdefault(key, run.config)
-  cfgs = sorted(by_shape.values(), key=lambda c: flops_lib.param_counts(c.model).total)
-  if widths:
-    missing = sorted(set(widths) - {c.model.d_model for c in cfgs})
-    if missing:
-      raise SystemExit(f"the sweep has no model of width {missing}; it has "
-                       f"{sorted({c.model.d_model for c in cfgs})}")
-    cfgs = [c for c in cfgs if c.model.d_model in widths]
-  return cfgs
 
 
 def members(cfg: Config, k: int) -> list[Config]:
@@ -259,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1])
   report: dict[str, Any] = {
-      "machine": dict(bench_common.machine_info(), devices_used=1), "load_average_start": load_average(),
+      "machine": dict(bench_common.machine_info(), devices_used=1), "load_average_start": bench_common.load_average(),
       "command": " ".join(sys.argv), "args": vars(args),
       "note": "shared machine: other users' jobs share the cores (see load_average_*); "
               "runners alternate within each round; ratio = group / sequential tokens/s "
@@ -275,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
   }
   report["shapes"] = [bench_shape(cfg, ks, args.steps, args.rounds, args.round_s,
                                   bool(args.xla_defaults), mesh)
-                      for cfg in sweep_shapes(args.sweep, widths)]
+                      for cfg in bench_common.sweep_shapes(args.sweep, widths)]
   # group / sequential tokens/s per shape and K: per-round median, best of rounds, CPU time.
   report["summary"] = {
       name: {f"d{s['shape']['d_model']}": {
@@ -284,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
           for k, v in s["ks"].items() if name in v} for s in report["shapes"]}
       for name in ("group_vmap", "group_map", "group_vmap_xla_defaults")
       if args.xla_defaults or name != "group_vmap_xla_defaults"}
-  report["load_average_end"] = load_average()
+  report["load_average_end"] = bench_common.load_average()
   report["wall_s"] = time.time() - t0
   bench_common.emit(report, args.out)
   return report

@@ -104,8 +104,18 @@ def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None)
 def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, workdir: str,
           stop: StopFlag) -> None:
   """Claims and trains runs (in groups where they share a group key) until none is left
-  (or a stop is requested)."""
-  from lmjax.train import Diverged  # imports jax: only processes that train get here
+  (or a stop is requested). With sweep.compile_ahead, once a run trains, the next model
+  size's programs compile in a background thread (lmjax.train.CompileAhead)."""
+  from lmjax.train import CompileAhead  # imports jax: only processes that train get here
+  with CompileAhead() as ahead:
+    _drain(manifest, ids, sweep, workdir, stop, ahead if sweep.compile_ahead else None)
+  if ahead.compiled:
+    _say(f"compiled {ahead.compiled} model size(s) ahead of their runs, "
+         f"{ahead.seconds:.1f}s in the background")
+
+
+def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
+  from lmjax.train import Diverged
   keys = _group_keys(manifest, ids) if sweep.group_size > 1 else None
   while not stop:
     rows = _claim_group(manifest, ids, sweep, keys)
@@ -119,10 +129,13 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
             f"training {len(rows)} runs as one group ({', '.join(rids)})")
     _say(f"[{_progress(manifest, ids)}] {what}: budget {rows[0]['budget']:.3g} FLOPs, "
          f"N={rows[0]['n_params']:,}, D={rows[0]['planned_tokens']:,.0f} tokens")
-    last_beat = time.time()
+    last_beat, ahead_due = time.time(), ahead is not None
 
     def heartbeat(*_):  # live runs must not look abandoned
-      nonlocal last_beat
+      nonlocal last_beat, ahead_due
+      if ahead_due:  # the first record: this run's programs are compiled and it trains
+        ahead_due = False
+        _compile_next(ahead, manifest, ids, keys, rids)
       if time.time() - last_beat > HEARTBEAT_S:
         for rid in rids:
           manifest.heartbeat(rid)
@@ -151,6 +164,24 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
       continue
     for rid, results in zip(rids, outcomes):
       _finish(manifest, rid, results)
+
+
+def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
+                  keys: dict[str, str] | None, training: list[str]) -> None:
+  """Queues the programs of the next planned lone run whose model size has none yet (a
+  group compiles multirun's programs). A speed-up only: it never fails the run."""
+  try:
+    order = {rid: i for i, rid in enumerate(ids)}
+    planned = sorted((r for r in manifest.rows(ids)
+                      if r["status"] == "planned" and r["id"] not in training),
+                     key=lambda r: order[r["id"]])
+    for row in planned:
+      if keys and sum(keys[r["id"]] == keys[row["id"]] for r in planned) > 1:
+        continue
+      if ahead.submit(config_lib.from_dict(Config, json.loads(row["config"]))):
+        return
+  except Exception as e:  # noqa: BLE001 - e.g. a busy manifest: the runs compile as usual
+    logging.warning("not compiling ahead: %s", e)
 
 
 def _finish(manifest: manifest_lib.Manifest, rid: str, outcome: dict) -> None:
@@ -265,8 +296,12 @@ def main(argv) -> None:
   if flags.FLAGS.worker:
     return
   counts = manifest.counts(ids)
+  trained = [r for r in manifest.rows(ids) if r["wall_s"]]
+  compile_s, wall_s = (sum(r[k] or 0.0 for r in trained) for k in ("compile_s", "wall_s"))
   _say(f"training finished in {time.time() - started:.0f}s: "
-       + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+       + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+       + (f"; the runs spent {compile_s:.1f}s of their {wall_s:.0f}s compiling "
+          f"({100 * compile_s / wall_s:.1f}%)" if wall_s else ""))
   if flags.FLAGS.skip_fit:
     return
   out_dir = os.path.join(workdir, "fit")

@@ -11,12 +11,14 @@ eval and checkpoint steps, so the device never waits on Python between them.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
 import math
 import os
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -31,7 +33,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
 from lmjax import sharding
-from lmjax.compile_clock import CompileClock
+from lmjax.compile_clock import CompileClock, is_off_the_clock, off_the_clock, record_wait
 from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.errors import CheckpointError, ConfigError, require
@@ -252,20 +254,49 @@ class _Programs(NamedTuple):
 
 # Recently built programs, so that a sweep's later runs of a shape skip tracing, lowering
 # and compiling (the persistent cache skips only the compiling): on the default CPU sweep
-# that took 0.8-1.8 s a run. Keyed by everything the programs depend on.
+# that took 0.8-1.8 s a run. Keyed by everything the programs depend on. CompileAhead's
+# thread fills it too, hence the lock.
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
 PROGRAMS_KEPT = 8
+_PROGRAMS_LOCK = threading.Lock()
+_AHEAD: dict[tuple, threading.Event] = {}   # keys CompileAhead is compiling -> set when done
+
+
+def _compiler_options(mesh: jax.sharding.Mesh) -> tuple[dict | None, dict | None]:
+  """(train and eval step options, init options)."""
+  return (cpu_compiler_options(mesh),
+          cpu_compiler_options(mesh, base=CPU_INIT_COMPILER_OPTIONS))
+
+
+def _cache_key(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> tuple:
+  # The builders' identities too: a test or benchmark that swaps one gets fresh programs.
+  return (program_key(cfg), mesh, splits, repr(_compiler_options(mesh)),
+          Transformer, make_train_step, make_eval_step, make_optimizer)
 
 
 def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
-  step_options, init_options = (cpu_compiler_options(mesh),
-                                cpu_compiler_options(mesh, base=CPU_INIT_COMPILER_OPTIONS))
-  # The builders' identities too: a test or benchmark that swaps one gets fresh programs.
-  key = (program_key(cfg), mesh, splits, repr(step_options), repr(init_options),
-         Transformer, make_train_step, make_eval_step, make_optimizer)
-  if key in _PROGRAMS:
-    _PROGRAMS.move_to_end(key)
-    return _PROGRAMS[key]
+  key = _cache_key(cfg, mesh, splits)
+  with _PROGRAMS_LOCK:
+    ahead = _AHEAD.get(key)
+  if ahead is not None and not is_off_the_clock():
+    # Compiled in the background right now: waiting beats compiling it a second time.
+    start = time.time()
+    ahead.wait()
+    record_wait(start)
+  with _PROGRAMS_LOCK:
+    if key in _PROGRAMS:
+      _PROGRAMS.move_to_end(key)
+      return _PROGRAMS[key]
+  programs = _build_programs(cfg, mesh, splits)
+  with _PROGRAMS_LOCK:
+    _PROGRAMS[key] = programs
+    while len(_PROGRAMS) > PROGRAMS_KEPT:
+      _PROGRAMS.popitem(last=False)
+  return programs
+
+
+def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
+  step_options, init_options = _compiler_options(mesh)
   model = Transformer(cfg.model)
 
   def init_boxed(rng):
@@ -302,11 +333,7 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
   eval_step = jax.jit(with_rules(make_eval_step(cfg)),
                       in_shardings=(state_shardings["params"], batch_sh),
                       out_shardings=sharding.replicated(mesh), compiler_options=step_options)
-  programs = _Programs(tx, state_shardings, abstract_state, init, train_step, eval_step)
-  _PROGRAMS[key] = programs
-  while len(_PROGRAMS) > PROGRAMS_KEPT:
-    _PROGRAMS.popitem(last=False)
-  return programs
+  return _Programs(tx, state_shardings, abstract_state, init, train_step, eval_step)
 
 
 class Trainer:
@@ -333,17 +360,99 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._init(jax.random.key(self.cfg.train.seed if seed is None else seed))
 
+  def hparams(self, skip: bool = False) -> dict:
+    """The train step's traced hyperparameters (numpy scalars: one program for all values)."""
+    return dict(self._hparams, peak_lr=np.float32(self.cfg.optim.lr * self.lr_scale),
+                skip=np.bool_(skip))
+
   def step(self, state: State, batch: dict, skip: bool = False) -> tuple[State, dict]:
-    hparams = dict(self._hparams, peak_lr=np.float32(self.cfg.optim.lr * self.lr_scale),
-                   skip=np.bool_(skip))
     with jax.set_mesh(self.mesh):
-      return self.train_step(state, batch, hparams)
+      return self.train_step(state, batch, self.hparams(skip))
 
   def evaluate(self, params, batches: list[dict]) -> float:
     with jax.set_mesh(self.mesh):
       sums = [self.eval_step(params, b) for b in batches]
     ce, n = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
     return float(ce / max(n, 1.0))
+
+
+class CompileAhead:
+  """Compiles the programs of runs that have not started, in one background thread.
+
+  A sweep trains one run while this compiles the next model size, so that the next run
+  starts without compiling. Compiles here are on no CompileClock: they do not hold up a
+  run. A run that arrives while its programs are still compiling waits for them (that wait
+  is on its clock) rather than compiling them a second time. Single-process only: several
+  processes must compile in step. Use as a context manager; leaving it waits for the
+  compile under way and drops the queued ones.
+
+    with CompileAhead() as ahead:
+      ahead.submit(next_cfg)      # returns at once
+      train(cfg, workdir)         # meanwhile
+  """
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix="lmjax-compile-ahead")
+    self._keys: list[tuple] = []
+    self.seconds = 0.0   # background wall time spent compiling
+    self.compiled = 0    # configs whose programs were all compiled
+
+  def submit(self, cfg: Config) -> bool:
+    """Queues cfg's init, train and eval programs. False, and nothing queued, if they are
+    built or queued already, if the config is unusable (its run will say why), or under
+    several processes."""
+    if jax.process_count() > 1:
+      return False
+    try:
+      mesh = sharding.make_mesh(cfg.mesh)
+      key = _cache_key(cfg, mesh, cpu_splits(cfg, mesh))
+    except Exception:  # pylint: disable=broad-except - the run reports its own bad config
+      return False
+    with _PROGRAMS_LOCK:
+      if key in _PROGRAMS or key in _AHEAD:
+        return False
+      _AHEAD[key] = threading.Event()  # before the thread starts: a run must find it
+    self._keys.append(key)
+    self._pool.submit(self._compile, cfg, mesh, key)
+    return True
+
+  def _compile(self, cfg: Config, mesh: jax.sharding.Mesh, key: tuple) -> None:
+    start = time.time()
+    try:
+      with off_the_clock():
+        trainer = Trainer(cfg, mesh)
+        # The shapes and sharding of the batches train() will feed (its first one).
+        local = data_lib.make_pipeline(cfg.data, seq_len=cfg.train.seq_len,
+                                       global_batch=cfg.train.global_batch).next()
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                         sharding=sharding.batch_sharding(mesh))
+                 for k, v in local.items()}
+        with jax.set_mesh(mesh):
+          trainer._init.lower(jax.random.key(0)).compile()  # pylint: disable=protected-access
+          trainer.train_step.lower(trainer.abstract_state, batch, trainer.hparams()).compile()
+          trainer.eval_step.lower(trainer.abstract_state["params"], batch).compile()
+      self.compiled += 1
+    except Exception as e:  # pylint: disable=broad-except - the run meets and reports it
+      logging.info("compiling ahead for run %s failed: %s", cfg.name, e)
+    finally:
+      self.seconds += time.time() - start
+      self._release(key)
+
+  @staticmethod
+  def _release(key: tuple) -> None:
+    with _PROGRAMS_LOCK:
+      event = _AHEAD.pop(key, None)
+    if event is not None:
+      event.set()
+
+  def __enter__(self) -> CompileAhead:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+    for key in self._keys:  # cancelled before they started: nobody may wait on them
+      self._release(key)
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -1,11 +1,12 @@
 """CompileClock: the union of jax's own compile-phase time spans."""
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax.compile_clock import CompileClock, union_seconds
+from lmjax.compile_clock import CompileClock, off_the_clock, record_wait, union_seconds
 
 
 def test_union_of_spans_equals_a_brute_force_count():
@@ -38,3 +39,30 @@ def test_clock_counts_new_programs_once_and_cached_calls_not_at_all():
   f2 = jax.jit(lambda x: x + scale)
   f2(x).block_until_ready()  # after the clock closed: not counted
   assert clock.seconds == after_new and clock.programs == 2
+
+
+def test_compiles_off_the_clock_are_not_counted_but_waiting_for_them_is():
+  scale = np.float32(time.time() % 1 + 3)
+  x = jnp.ones((32, 32))
+
+  def in_thread(fn, off: bool):
+    def body():
+      if off:
+        with off_the_clock():
+          fn(x).block_until_ready()
+      else:
+        fn(x).block_until_ready()
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+
+  with CompileClock() as clock:
+    in_thread(jax.jit(lambda x: jnp.sin(x) * scale), off=True)   # compiled ahead of a run
+    assert clock.programs == 0 and clock.seconds == 0.0
+    start = time.time()
+    time.sleep(0.05)
+    record_wait(start)                                           # a run waiting for it
+    assert clock.programs == 0 and clock.seconds >= 0.05
+    waited = clock.seconds
+    in_thread(jax.jit(lambda x: jnp.cos(x) * scale), off=False)  # any other thread counts
+  assert clock.programs == 1 and clock.seconds > waited

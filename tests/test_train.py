@@ -233,3 +233,32 @@ def test_runs_of_one_shape_reuse_programs_and_train_as_if_built_afresh(tmp_path)
                 dataclasses.replace(a, optim=dataclasses.replace(a.optim, b2=0.9))):
     assert train_lib.program_key(other) != train_lib.program_key(a)
     assert train_lib.Trainer(other, mesh).train_step is not train_lib.Trainer(a, mesh).train_step
+
+
+def test_programs_compiled_ahead_leave_the_run_nothing_to_compile(tmp_path):
+  # A sweep compiles its next model size in a background thread while a run trains. The
+  # run that follows makes no program itself: submit() registers the shape before it
+  # returns, so a run arriving mid-compile waits instead of compiling it twice. It trains
+  # bit for bit as with programs compiled in the foreground.
+  from lmjax import train as train_lib
+  from lmjax.compile_clock import CompileClock
+  cfg = _tiny(steps=6, log_every=1, eval_every=3)
+  train_lib._PROGRAMS.clear()
+  fresh = train(cfg, str(tmp_path / "fresh"))
+  train_lib._PROGRAMS.clear()
+  with train_lib.CompileAhead() as ahead:
+    assert ahead.submit(cfg)
+    assert not ahead.submit(cfg)  # queued already
+    with CompileClock() as clock:
+      ahead_run = train(cfg, str(tmp_path / "ahead"))
+  assert clock.programs == 0
+  assert ahead.compiled == 1 and ahead.seconds > 0
+  assert [r["loss"] for r in read_metrics(str(tmp_path / "ahead"))] == \
+      [r["loss"] for r in read_metrics(str(tmp_path / "fresh"))]
+  assert ahead_run["final_eval_loss"] == fresh["final_eval_loss"]
+  with train_lib.CompileAhead() as ahead:
+    assert not ahead.submit(cfg)  # built already
+    # An unusable config queues nothing; its own run reports the problem.
+    assert not ahead.submit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                                               cpu_splits=3)))
+  assert ahead.compiled == 0 and not train_lib._AHEAD

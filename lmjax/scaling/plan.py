@@ -68,6 +68,8 @@ class SweepConfig:
   # lmjax.multirun.group_key) train together as one compiled group; 1 trains every run alone.
   group_size: int = 8
   workers: int = 0                  # 0: runs in this process; k: k worker processes
+  # Compile the next model size's programs in a background thread while a run trains.
+  compile_ahead: bool = True
   max_attempts: int = 2             # a failed run is retried until this many attempts
   stale_after_s: float = 900.0      # a 'running' run with no heartbeat this long is reclaimed
   compilation_cache: str = "~/.cache/lmjax/jax_cache"   # persistent XLA cache ("" disables)
