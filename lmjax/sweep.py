@@ -10,6 +10,7 @@ status 75 (requeue). `--worker` processes (sweep.workers > 0) drain the same man
 """
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -117,6 +118,7 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
 def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
   from lmjax.train import Diverged
   keys = _group_keys(manifest, ids) if sweep.group_size > 1 else None
+  judged: set[str] = set()  # rows already offered to `ahead`
   while not stop:
     rows = _claim_group(manifest, ids, sweep, keys)
     if not rows:
@@ -135,7 +137,7 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
       nonlocal last_beat, ahead_due
       if ahead_due:  # the first record: this run's programs are compiled and it trains
         ahead_due = False
-        _compile_next(ahead, manifest, ids, keys, rids)
+        _compile_next(ahead, manifest, ids, keys, rids, judged)
       if time.time() - last_beat > HEARTBEAT_S:
         for rid in rids:
           manifest.heartbeat(rid)
@@ -167,17 +169,25 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
 
 
 def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
-                  keys: dict[str, str] | None, training: list[str]) -> None:
+                  keys: dict[str, str] | None, training: list[str], judged: set[str]) -> None:
   """Queues the programs of the next planned lone run whose model size has none yet (a
-  group compiles multirun's programs). A speed-up only: it never fails the run."""
+  group compiles multirun's programs). A speed-up only: it never fails the run.
+
+  Each row is offered once per sweep process (`judged`): a row is parsed and keyed in
+  ~4 ms, and this runs on the training thread at every run's first record, so rescanning
+  rows whose programs were built would cost a long sweep O(runs^2) of that. (A row whose
+  programs have since left Trainer's 8-entry cache then compiles in its own run.)
+  """
   try:
     order = {rid: i for i, rid in enumerate(ids)}
     planned = sorted((r for r in manifest.rows(ids)
                       if r["status"] == "planned" and r["id"] not in training),
                      key=lambda r: order[r["id"]])
+    group_sizes = collections.Counter(keys[r["id"]] for r in planned) if keys else None
     for row in planned:
-      if keys and sum(keys[r["id"]] == keys[row["id"]] for r in planned) > 1:
+      if row["id"] in judged or (group_sizes and group_sizes[keys[row["id"]]] > 1):
         continue
+      judged.add(row["id"])
       if ahead.submit(config_lib.from_dict(Config, json.loads(row["config"]))):
         return
   except Exception as e:  # noqa: BLE001 - e.g. a busy manifest: the runs compile as usual
