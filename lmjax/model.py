@@ -35,10 +35,13 @@ MLPS = ("gelu", "relu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 DTYPES = ("float32", "bfloat16")
-# Cache budget of one attention chunk's f32 scores (see ModelConfig.attention_chunks):
-# the 2-core EPYC has 2 MiB L2 per core and 32 MiB L3; 4 MiB per chunk measured best
-# on 'small' (B=16, T=256, H=6: 2 rows per chunk, 52 vs 75 ms attention fwd+bwd).
-ATTENTION_CHUNK_BYTES = 4 << 20
+# Cache budget of one attention chunk's f32 scores (see ModelConfig.attention_chunks).
+# 'small' (T=256, H=6: 1.5 MiB of scores per row) on the 2-core EPYCs (32 MiB L3):
+# unsplit (16 rows), 2-row chunks made attention fwd+bwd 1.4x faster (52 vs 75 ms); under
+# the default train.cpu_splits the step sees 4-row pieces, and leaving them whole (no
+# chunks, no recompute) made the whole train step 1.065-1.085x faster than 2-row chunks
+# (benchmarks/step_ab.py; docs/performance.md, seventh pass). 8 MiB allows that.
+ATTENTION_CHUNK_BYTES = 8 << 20
 ATTENTION_IMPLS = ("xla", "causal_blocks", "dot_product_attention", "splash", "cudnn")
 
 
@@ -78,7 +81,7 @@ class ModelConfig:
   # Sequential batch chunks for causal_blocks/xla attention, each rematerialised in the
   # backward pass so its T x T scores stay in cache (flash attention's trade: recompute
   # instead of memory traffic). 0 = auto: on CPU enough chunks that one chunk's f32 scores
-  # fit in ATTENTION_CHUNK_BYTES (1.4x faster attention on 'small'), 1 on accelerators.
+  # fit in ATTENTION_CHUNK_BYTES (8 MiB), 1 on accelerators.
   attention_chunks: int = 0
 
   def __post_init__(self):
@@ -337,7 +340,8 @@ def attention_chunks(cfg: ModelConfig, B: int, T: int) -> int:
   if cfg.attention_chunks:
     require(b_local % cfg.attention_chunks == 0,
             f"model.attention_chunks={cfg.attention_chunks} does not divide the {b_local} "
-            "batch rows per device; use a divisor of it, or 0 (auto).")
+            "batch rows per device (on CPU, per train.cpu_splits piece); use a divisor of it, "
+            "or 0 (auto).")
     return cfg.attention_chunks
   if jax.default_backend() != "cpu":
     return 1

@@ -298,16 +298,19 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
   step_options, init_options = _compiler_options(mesh)
   model = Transformer(cfg.model)
+  # Init traces one row, which an explicit attention_chunks > 1 cannot split; the chunks
+  # schedule attention and make no parameters, so init runs with the auto count.
+  init_model = Transformer(dataclasses.replace(cfg.model, attention_chunks=0))
 
   def init_boxed(rng):
     params_rng, rng = jax.random.split(rng)
-    params = model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
+    params = init_model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": jax.random.key_data(rng),
             "guard": init_guard_state()}
 
   abstract_params = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
+      lambda: init_model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
   # Without the lr (scale_by_lr=False) the optimizer does not use the schedule's length.
   tx = make_optimizer(cfg.optim, cfg.total_steps(), abstract_params["params"],
                       scale_by_lr=False)

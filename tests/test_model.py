@@ -203,10 +203,12 @@ def test_chunked_attention_equals_unchunked(packed):
 def test_auto_attention_chunks_follow_the_cache_budget():
   from lmjax import model as model_lib
   small = ModelConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256)
-  row = 4 * 6 * 256 * 256   # one row's f32 scores: 1.5 MiB; two fit the 4 MiB budget
-  assert 2 * row <= model_lib.ATTENTION_CHUNK_BYTES < 4 * row
-  assert model_lib.attention_chunks(small, 16, 256) == 8       # 2 rows per chunk
-  assert model_lib.attention_chunks(small, 3, 256) == 3        # rows must divide the batch
+  row = 4 * 6 * 256 * 256   # one row's f32 scores: 1.5 MiB; five fit the 8 MiB budget
+  assert 5 * row <= model_lib.ATTENTION_CHUNK_BYTES < 6 * row
+  assert model_lib.attention_chunks(small, 16, 256) == 4       # 4 rows per chunk
+  assert model_lib.attention_chunks(small, 4, 256) == 1        # a cpu_splits piece: whole
+  assert model_lib.attention_chunks(small, 6, 256) == 2        # 3 rows: the most that fit
+  assert model_lib.attention_chunks(small, 7, 256) == 7        # rows must divide the batch
   assert model_lib.attention_chunks(_cfg(), 12, 12) == 1       # tiny scores: no chunking
   assert model_lib.attention_chunks(dataclasses.replace(small, attention_chunks=2), 16, 256) == 2
   with pytest.raises(ConfigError, match="attention_chunks=3 does not divide the 16") as e:

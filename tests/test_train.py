@@ -203,6 +203,32 @@ def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
     _tiny(cpu_splits=-1)
 
 
+def test_an_explicit_attention_chunk_count_trains_as_one_chunk_does(tmp_path):
+  # Init traces a one-row batch, which 2 chunks cannot split: it must use the auto count,
+  # while each device's 2 of the 16 rows split in 2 (the suite's host has 8 devices).
+  # Chunks are a schedule, so the losses match one chunk's.
+  from lmjax.errors import ConfigError
+  from lmjax.train import Trainer
+  runs = {}
+  for chunks in (1, 2):
+    cfg = _tiny(steps=4, log_every=1)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_chunks=chunks),
+                              train=dataclasses.replace(cfg.train, global_batch=16))
+    train(cfg, str(tmp_path / str(chunks)))
+    runs[chunks] = [r["loss"] for r in read_metrics(str(tmp_path / str(chunks))) if "loss" in r]
+  assert len(runs[2]) == 4
+  np.testing.assert_allclose(runs[2], runs[1], rtol=1e-5)
+  # A count that does not divide a CPU piece's rows is one line naming the piece.
+  cfg = _tiny(steps=4, cpu_splits=4)
+  cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_chunks=4))
+  with pytest.raises(ConfigError, match=r"attention_chunks=4 does not divide the 2 batch rows "
+                                        r"per device \(on CPU, per train.cpu_splits piece\)"):
+    trainer = Trainer(cfg, _mesh())
+    tok = np.zeros((8, 33), np.int32)
+    trainer.step(trainer.init_state(), {"inputs": tok[:, :-1], "targets": tok[:, 1:],
+                                        "mask": np.ones((8, 32), np.float32)})
+
+
 def test_runs_of_one_shape_reuse_programs_and_train_as_if_built_afresh(tmp_path):
   # A sweep's runs of one model size differ in lr, warmup, length and seeds only: the second
   # reuses the first's compiled programs, and must train bit for bit as if it had not.
