@@ -21,7 +21,6 @@ variant that changes the math is visible.
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import statistics
 import sys

@@ -201,12 +201,31 @@ CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 # and ~1 s of system CPU per step. Cutting the batch into sequential pieces (gradient
 # accumulation) shrinks the block: 4 pieces made that step 10-15% faster (docs/performance.md).
 CPU_SPLIT_ELEMENTS = 2 ** 19   # the most per-device tokens x d_model in one piece (auto)
+# Below glibc's largest mmap threshold (32 MiB on 64-bit) a freed block raises the threshold
+# and the next step's block comes from the heap: no fresh pages at all. nanoGPT 'baby'
+# (47 MiB of temporaries, ~12,600 faults and ~42 ms of system time per 75 ms step) ran
+# 1.22x faster as 2 pieces of 25 MiB (benchmarks/step_ab.py; docs/performance.md).
+CPU_FRESH_BLOCK_BYTES = 32 << 20
+CPU_MIN_PIECE_TOKENS = 256     # smaller pieces cost more in matmul efficiency than faults
+
+
+def step_temp_bytes(cfg: Config, tokens: int) -> int:
+  """Rough f32 temporaries of one train-step piece of `tokens` tokens (what XLA:CPU's
+  memory_analysis reports, within ~25%): per layer ~28 floats per token and model
+  dimension plus one attention row per head, and the logits' softmax."""
+  m = cfg.model
+  per_token = m.n_layers * (28 * m.d_model + m.n_heads * cfg.train.seq_len) + 2 * m.vocab_size
+  return 4 * tokens * per_token
 
 
 def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
-  set, else the fewest that divide the per-device rows and keep a piece's tokens x d_model
-  within CPU_SPLIT_ELEMENTS (the default sweep's small models keep whole batches)."""
+  set, else auto, among the divisors of the per-device rows:
+    * the fewest whose piece's temporaries fit CPU_FRESH_BLOCK_BYTES, if pieces of at least
+      CPU_MIN_PIECE_TOKENS tokens get there ('baby': 2; the default sweep's models: 1);
+    * otherwise the fewest that keep a piece's tokens x d_model within CPU_SPLIT_ELEMENTS
+      ('small': 4).
+  """
   if mesh.devices.flat[0].platform != "cpu":
     return 1
   rows = cfg.train.global_batch // (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum)
@@ -215,8 +234,16 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
             f"train.cpu_splits={cfg.train.cpu_splits} does not divide the {rows} rows per device "
             f"and microbatch; use a divisor of {rows}, or 0 (auto).", ConfigError)
     return cfg.train.cpu_splits
-  for k in range(1, rows + 1):
-    if rows % k == 0 and rows // k * cfg.train.seq_len * cfg.model.d_model <= CPU_SPLIT_ELEMENTS:
+  T = cfg.train.seq_len
+  divisors = [k for k in range(1, rows + 1) if rows % k == 0]
+  for k in divisors:
+    tokens = rows // k * T
+    if tokens < CPU_MIN_PIECE_TOKENS and k > 1:
+      break
+    if step_temp_bytes(cfg, tokens) <= CPU_FRESH_BLOCK_BYTES:
+      return k
+  for k in divisors:
+    if rows // k * T * cfg.model.d_model <= CPU_SPLIT_ELEMENTS:
       return k
   return max(rows, 1)
 
@@ -297,7 +324,6 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
   step_options, init_options = _compiler_options(mesh)
-  model = Transformer(cfg.model)
   # Init traces one row, which an explicit attention_chunks > 1 cannot split; the chunks
   # schedule attention and make no parameters, so init runs with the auto count.
   init_model = Transformer(dataclasses.replace(cfg.model, attention_chunks=0))

@@ -153,14 +153,27 @@ def _mesh(data: int = 1):
   return sharding.make_mesh(sharding.MeshConfig(data=data), jax.devices()[:data])
 
 
+def _nanogpt(small, layers, heads, d, seq, batch):
+  return dataclasses.replace(
+      small, model=dataclasses.replace(small.model, n_layers=layers, n_heads=heads, d_model=d,
+                                       max_len=seq, vocab_size=65),
+      train=dataclasses.replace(small.train, global_batch=batch, seq_len=seq))
+
+
 def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
-  from lmjax.train import CPU_SPLIT_ELEMENTS, cpu_splits
+  from lmjax.train import CPU_FRESH_BLOCK_BYTES, CPU_SPLIT_ELEMENTS, cpu_splits, step_temp_bytes
   small = _tiny()                                     # 8 x 32 tokens x d_model 32
   assert cpu_splits(small, _mesh()) == 1
-  cfg = dataclasses.replace(small, model=dataclasses.replace(small.model, d_model=384, max_len=256),
-                            train=dataclasses.replace(small.train, global_batch=16, seq_len=256))
-  # nanoGPT 'small': 16 x 256 tokens x 384 = 3 x CPU_SPLIT_ELEMENTS -> the fewest dividing
+  # nanoGPT 'baby': 12 x 64 tokens, ~50 MiB of temporaries -> 2 pieces of ~25 MiB, under
+  # glibc's mmap threshold (no fresh pages per step).
+  baby = _nanogpt(small, 4, 4, 128, 64, 12)
+  assert step_temp_bytes(baby, 768) > CPU_FRESH_BLOCK_BYTES >= step_temp_bytes(baby, 384)
+  assert cpu_splits(baby, _mesh()) == 2
+  # nanoGPT 'small': no piece of >= 256 tokens gets under the threshold, so the elements
+  # rule holds: 16 x 256 tokens x 384 = 3 x CPU_SPLIT_ELEMENTS -> the fewest dividing
   # pieces that fit is 4; two data-parallel devices hold 8 rows each -> 2 pieces.
+  cfg = _nanogpt(small, 6, 6, 384, 256, 16)
+  assert step_temp_bytes(cfg, 256) > CPU_FRESH_BLOCK_BYTES
   assert 16 * 256 * 384 == 3 * CPU_SPLIT_ELEMENTS
   assert cpu_splits(cfg, _mesh()) == 4
   assert cpu_splits(cfg, _mesh(2)) == 2
@@ -168,6 +181,26 @@ def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
   assert cpu_splits(accum, _mesh()) == 2
   fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=8))
   assert cpu_splits(fixed, _mesh()) == 8
+
+
+def test_step_temp_estimate_tracks_xla_memory_analysis():
+  # The splits rule reasons about XLA:CPU's per-step temporaries without compiling; its
+  # estimate must stay near what XLA itself reports, or the rule picks blind.
+  from lmjax import sharding
+  from lmjax.train import Trainer, step_temp_bytes
+  base = _tiny()
+  for cfg in (_nanogpt(base, 4, 4, 128, 64, 12), _nanogpt(base, 2, 4, 64, 64, 16)):
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=1))
+    mesh = _mesh()
+    trainer = Trainer(cfg, mesh)
+    B, T = cfg.train.global_batch, cfg.train.seq_len
+    zeros = np.zeros((B, T), np.int32)
+    batch = sharding.global_batch_from_local(
+        {"inputs": zeros, "targets": zeros, "mask": np.ones((B, T), np.float32)}, mesh)
+    state = trainer.init_state()
+    temp = trainer.train_step.lower(state, batch, trainer.hparams(False)).compile(
+        ).memory_analysis().temp_size_in_bytes
+    assert 0.75 < step_temp_bytes(cfg, B * T) / temp < 1.33, (cfg.model, temp)
 
 
 def test_cpu_splits_leave_the_training_trajectory_unchanged():
