@@ -6,8 +6,10 @@ process and a round is one step, so on a shared 2-core VM its per-round figures 
 "variant B against variant A": every variant's Trainer lives in this one process, and the
 rounds interleave them (A B C, then C B A, ...), so drift and neighbours' bursts hit all
 of them alike. For each variant it reports medians of wall time, CPU time (user + system),
-minor page faults and system time per step, and the median over rounds of the per-round
-wall ratio against the first variant, the figure to read.
+minor page faults and system time per step, the median over rounds of the per-round
+wall ratio against the first variant (the figure to read), and the temporaries XLA
+assigns the compiled step (`temp_mib`, from `memory_analysis()`; on XLA:CPU each step
+takes them as one fresh block, so they set the page faults).
 
   PYTHONPATH=. python benchmarks/step_ab.py --variants='default;attention_chunks=2'
   PYTHONPATH=. python benchmarks/step_ab.py --config=baby --steps=20 \
@@ -27,12 +29,23 @@ import sys
 import time
 
 import bench_common
+import jax
 import train_throughput as tt
 
 
 def _usage() -> tuple[float, float, int]:
   u = resource.getrusage(resource.RUSAGE_SELF)
   return u.ru_utime + u.ru_stime, u.ru_stime, u.ru_minflt
+
+
+def _temp_mib(runner: tt.LmjaxRunner) -> float | None:
+  """MiB of temporaries in the runner's compiled train step (None if XLA does not say)."""
+  trainer = runner.trainer
+  with jax.set_mesh(trainer.mesh):
+    compiled = trainer.train_step.lower(runner.state, runner.batches[0],
+                                        trainer.hparams(False)).compile()
+  analysis = compiled.memory_analysis()
+  return None if analysis is None else round(analysis.temp_size_in_bytes / 2**20, 1)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -87,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_ratio_vs_first_per_round_median": round(statistics.median(ratios), 4),
         "wall_ratio_vs_first_rounds_slower": sum(x > 1 for x in ratios),
         "compile_s": round(runners[i][1], 2),
+        "temp_mib": _temp_mib(runners[i][0]),
         "tokens_per_s": round(shape["batch"] * shape["seq_len"] / statistics.median(col[0]), 1),
         "final_loss": runners[i][0].last_loss,
     }

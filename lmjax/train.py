@@ -324,6 +324,15 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
   step_options, init_options = _compiler_options(mesh)
+  if (cfg.model.remat != "none" and not cfg.model.scan_layers
+      and mesh.devices.flat[0].platform == "cpu"):
+    # XLA:CPU expands jax.checkpoint's optimization barriers before it schedules, and then
+    # runs each unrolled block's recomputation during the forward pass: the step keeps every
+    # activation and does the work twice ('small': 315 vs 319 MiB of temporaries). Inside a
+    # scan the loop orders it (scan_layers: 535 -> 139 MiB). docs/performance.md, eighth pass.
+    logging.warning("model.remat=%s saves no memory on XLA:CPU while model.scan_layers=False "
+                    "(the recomputation is scheduled early); set model.scan_layers=True to "
+                    "save memory, or model.remat='none' to save the time", cfg.model.remat)
   # Init traces one row, which an explicit attention_chunks > 1 cannot split; the chunks
   # schedule attention and make no parameters, so init runs with the auto count.
   init_model = Transformer(dataclasses.replace(cfg.model, attention_chunks=0))

@@ -114,6 +114,30 @@ def test_scanned_equals_unrolled(overrides):
   assert w_q.names == ("layers", "embed", "heads", "kv")
 
 
+
+def _grad_and_temp_bytes(cfg, params, tokens):
+  """d(mean logits^2)/d params, and the temporaries XLA assigns that gradient program."""
+  def loss(p):
+    return jnp.mean(Transformer(cfg).apply({"params": p}, jnp.asarray(tokens)) ** 2)
+  compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+  return compiled(params), compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_remat_of_scanned_layers_recomputes_instead_of_storing():
+  # remat trades recomputation for memory. With scanned layers the backward loop must keep
+  # only each block's input (L x N x D floats) instead of every activation, and still
+  # produce the same gradients. (Unrolled layers save nothing on XLA:CPU, which the Trainer
+  # warns about; see docs/performance.md.)
+  cfg = _cfg(n_layers=4, d_model=64, max_len=64, scan_layers=True)
+  params, tokens = _params(cfg), _tokens(cfg, batch=8)
+  grads, temp = _grad_and_temp_bytes(cfg, params, tokens)
+  for remat, most in (("full", 0.5), ("dots", 0.8)):
+    remat_grads, remat_temp = _grad_and_temp_bytes(dataclasses.replace(cfg, remat=remat),
+                                                   params, tokens)
+    assert remat_temp < most * temp, (remat, remat_temp, temp)
+    for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
 def test_bf16_compute_close_to_f32():
   # Stated tolerance: bf16 matmul inputs (8-bit mantissa) with f32 accumulation keep the
   # logits within 3 % relative RMS error of the f32 model for this small model.

@@ -236,6 +236,27 @@ def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
     _tiny(cpu_splits=-1)
 
 
+
+def test_unrolled_remat_on_cpu_warns_that_it_saves_no_memory(caplog):
+  # XLA:CPU schedules an unrolled block's recomputation early (docs/performance.md), so
+  # remat there only costs time; the run says so and names the setting that works.
+  import logging
+  from lmjax import train as train_lib
+  caplog.set_level(logging.WARNING)
+  for remat, scan, warned in (("full", False, True), ("dots", False, True),
+                              ("full", True, False), ("none", False, False)):
+    cfg = _tiny()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, remat=remat,
+                                                             scan_layers=scan))
+    with train_lib._PROGRAMS_LOCK:
+      train_lib._PROGRAMS.clear()   # the warning comes with building the programs
+    caplog.clear()
+    train_lib.Trainer(cfg, _mesh())
+    logged = [r.getMessage() for r in caplog.records if "saves no memory" in r.getMessage()]
+    assert len(logged) == warned, (remat, scan, logged)
+    if warned:
+      assert f"model.remat={remat}" in logged[0] and "model.scan_layers=True" in logged[0]
+
 def test_an_explicit_attention_chunk_count_trains_as_one_chunk_does(tmp_path):
   # Init traces a one-row batch, which 2 chunks cannot split: it must use the auto count,
   # while each device's 2 of the 16 rows split in 2 (the suite's host has 8 devices).
