@@ -167,7 +167,7 @@ def resolve_members_per_vmap(members_per_vmap: int | str | None, mesh: jax.shard
   """"auto" is 1 on CPU (one vmap over the members measured slower than K lone steps for
   d_model >= 32, docs/training.md) and None (one vmap) elsewhere; 1 < m >= size is None."""
   if members_per_vmap == "auto":
-    members_per_vmap = 1 if mesh.devices.flat[0].platform == "cpu" else None
+    members_per_vmap = 1 if sharding.is_cpu(mesh) else None
   if members_per_vmap is not None:
     require(isinstance(members_per_vmap, int) and not isinstance(members_per_vmap, bool)
             and members_per_vmap >= 1, f"members_per_vmap={members_per_vmap!r} is invalid; "

@@ -88,6 +88,11 @@ def data_parallel_size(mesh: Mesh) -> int:
   return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
+def is_cpu(mesh: Mesh) -> bool:
+  """Whether the mesh's devices are CPUs (XLA:CPU's compiler and runtime)."""
+  return mesh.devices.flat[0].platform == "cpu"
+
+
 def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:
   """A rules-table entry (None, "axis" or a tuple of axes) as a tuple of mesh axes."""
   if mesh_axes is None:

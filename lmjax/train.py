@@ -181,7 +181,7 @@ def cpu_compiler_options(mesh: jax.sharding.Mesh, *extra: dict,
                          base: dict = CPU_STEP_COMPILER_OPTIONS) -> dict | None:
   """`base` plus `extra` on a CPU mesh whose jaxlib accepts them, else None (XLA's
   defaults; accelerators always get those)."""
-  if mesh.devices.flat[0].platform != "cpu":
+  if not sharding.is_cpu(mesh):
     return None
   options = dict(base)
   for e in extra:
@@ -226,7 +226,7 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
     * otherwise the fewest that keep a piece's tokens x d_model within CPU_SPLIT_ELEMENTS
       ('small': 4).
   """
-  if mesh.devices.flat[0].platform != "cpu":
+  if not sharding.is_cpu(mesh):
     return 1
   rows = cfg.train.global_batch // (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum)
   if cfg.train.cpu_splits:
@@ -324,8 +324,7 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
   step_options, init_options = _compiler_options(mesh)
-  if (cfg.model.remat != "none" and not cfg.model.scan_layers
-      and mesh.devices.flat[0].platform == "cpu"):
+  if cfg.model.remat != "none" and not cfg.model.scan_layers and sharding.is_cpu(mesh):
     # XLA:CPU expands jax.checkpoint's optimization barriers before it schedules, and then
     # runs each unrolled block's recomputation during the forward pass: the step keeps every
     # activation and does the work twice ('small': 315 vs 319 MiB of temporaries). Inside a

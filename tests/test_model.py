@@ -114,7 +114,6 @@ def test_scanned_equals_unrolled(overrides):
   assert w_q.names == ("layers", "embed", "heads", "kv")
 
 
-
 def _grad_and_temp_bytes(cfg, params, tokens):
   """d(mean logits^2)/d params, and the temporaries XLA assigns that gradient program."""
   def loss(p):
@@ -137,6 +136,7 @@ def test_remat_of_scanned_layers_recomputes_instead_of_storing():
     assert remat_temp < most * temp, (remat, remat_temp, temp)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
 
 def test_bf16_compute_close_to_f32():
   # Stated tolerance: bf16 matmul inputs (8-bit mantissa) with f32 accumulation keep the

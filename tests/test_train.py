@@ -236,7 +236,6 @@ def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
     _tiny(cpu_splits=-1)
 
 
-
 def test_unrolled_remat_on_cpu_warns_that_it_saves_no_memory(caplog):
   # XLA:CPU schedules an unrolled block's recomputation early (docs/performance.md), so
   # remat there only costs time; the run says so and names the setting that works.
@@ -256,6 +255,7 @@ def test_unrolled_remat_on_cpu_warns_that_it_saves_no_memory(caplog):
     assert len(logged) == warned, (remat, scan, logged)
     if warned:
       assert f"model.remat={remat}" in logged[0] and "model.scan_layers=True" in logged[0]
+
 
 def test_an_explicit_attention_chunk_count_trains_as_one_chunk_does(tmp_path):
   # Init traces a one-row batch, which 2 chunks cannot split: it must use the auto count,
