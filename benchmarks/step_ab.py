@@ -29,7 +29,6 @@ import sys
 import time
 
 import bench_common
-import jax
 import train_throughput as tt
 
 
@@ -40,12 +39,8 @@ def _usage() -> tuple[float, float, int]:
 
 def _temp_mib(runner: tt.LmjaxRunner) -> float | None:
   """MiB of temporaries in the runner's compiled train step (None if XLA does not say)."""
-  trainer = runner.trainer
-  with jax.set_mesh(trainer.mesh):
-    compiled = trainer.train_step.lower(runner.state, runner.batches[0],
-                                        trainer.hparams(False)).compile()
-  analysis = compiled.memory_analysis()
-  return None if analysis is None else round(analysis.temp_size_in_bytes / 2**20, 1)
+  temp = runner.trainer.compiled_temp_bytes(runner.state, runner.batches[0])
+  return None if temp is None else round(temp / 2**20, 1)
 
 
 def main(argv: list[str] | None = None) -> dict:

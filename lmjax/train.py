@@ -402,6 +402,14 @@ class Trainer:
     return dict(self._hparams, peak_lr=np.float32(self.cfg.optim.lr * self.lr_scale),
                 skip=np.bool_(skip))
 
+  def compiled_temp_bytes(self, state: State, batch: dict) -> int | None:
+    """Temporaries XLA assigns the compiled train step (None where the backend does not
+    say); on XLA:CPU each step takes them as one fresh block (see cpu_splits)."""
+    with jax.set_mesh(self.mesh):
+      analysis = self.train_step.lower(state, batch, self.hparams(False)).compile(
+          ).memory_analysis()
+    return None if analysis is None else analysis.temp_size_in_bytes
+
   def step(self, state: State, batch: dict, skip: bool = False) -> tuple[State, dict]:
     with jax.set_mesh(self.mesh):
       return self.train_step(state, batch, self.hparams(skip))

@@ -71,16 +71,16 @@ def test_train_step_equals_single_device(single_device, mesh_sizes):
   assert tuple(w_up.sharding.spec) == expected
 
 
-
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_rematerialised_sharded_step_equals_single_device(single_device, remat):
-  # The unrolled remat recomputes each block from residuals tied to its gradient
-  # (model.remat_block): sharded over data, fsdp and tensor it must still be the same step.
+  # Unrolled blocks under nn.remat recompute in the backward pass: sharded over data, fsdp
+  # and tensor it must still be the same step as the single-device one without remat.
   cfg = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, remat=remat))
   ref_losses, ref_state = single_device
   losses, state = _one_step(cfg, (2, 2, 2), steps=2)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   _assert_trees_close(state["params"], ref_state["params"])
+
 
 def test_per_device_parameter_bytes_fall_as_fsdp_grows():
   sizes = []

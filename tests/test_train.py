@@ -197,9 +197,7 @@ def test_step_temp_estimate_tracks_xla_memory_analysis():
     zeros = np.zeros((B, T), np.int32)
     batch = sharding.global_batch_from_local(
         {"inputs": zeros, "targets": zeros, "mask": np.ones((B, T), np.float32)}, mesh)
-    state = trainer.init_state()
-    temp = trainer.train_step.lower(state, batch, trainer.hparams(False)).compile(
-        ).memory_analysis().temp_size_in_bytes
+    temp = trainer.compiled_temp_bytes(trainer.init_state(), batch)
     assert 0.75 < step_temp_bytes(cfg, B * T) / temp < 1.33, (cfg.model, temp)
 
 
