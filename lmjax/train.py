@@ -206,23 +206,29 @@ CPU_SPLIT_ELEMENTS = 2 ** 19   # the most per-device tokens x d_model in one pie
 # (47 MiB of temporaries, ~12,600 faults and ~42 ms of system time per 75 ms step) ran
 # 1.22x faster as 2 pieces of 25 MiB (benchmarks/step_ab.py; docs/performance.md).
 CPU_FRESH_BLOCK_BYTES = 32 << 20
-CPU_MIN_PIECE_TOKENS = 256     # smaller pieces cost more in matmul efficiency than faults
+# Smaller pieces cost more in matmul efficiency than the faults they save. nanoGPT 'baby'
+# widened to 8 and to 16 layers (d_model 128) ran fastest in 192-token pieces, 1.08x faster
+# than in 256-token ones at 8 layers; 128-token pieces lost again (benchmarks/step_ab.py).
+CPU_MIN_PIECE_TOKENS = 192
 
 
-def step_temp_bytes(cfg: Config, tokens: int) -> int:
-  """Rough f32 temporaries of one train-step piece of `tokens` tokens (what XLA:CPU's
+def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
+  """Rough f32 temporaries of a train step whose pieces have `tokens` tokens (what XLA:CPU's
   memory_analysis reports, within ~25%): per layer ~28 floats per token and model
-  dimension plus one attention row per head, and the logits' softmax."""
+  dimension plus one attention row per head, the logits' softmax, and with more than one
+  piece the gradient they accumulate into (one float per parameter)."""
   m = cfg.model
   per_token = m.n_layers * (28 * m.d_model + m.n_heads * cfg.train.seq_len) + 2 * m.vocab_size
-  return 4 * tokens * per_token
+  accumulator = flops_lib.param_counts(m).total if pieces > 1 else 0
+  return 4 * (tokens * per_token + accumulator)
 
 
 def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
   set, else auto, among the divisors of the per-device rows:
     * the fewest whose piece's temporaries fit CPU_FRESH_BLOCK_BYTES, if pieces of at least
-      CPU_MIN_PIECE_TOKENS tokens get there ('baby': 2; the default sweep's models: 1);
+      CPU_MIN_PIECE_TOKENS tokens get there ('baby': 2, at 8 layers 4; the default sweep's
+      models: 1);
     * otherwise the fewest that keep a piece's tokens x d_model within CPU_SPLIT_ELEMENTS
       ('small': 4).
   """
@@ -240,7 +246,7 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
     tokens = rows // k * T
     if tokens < CPU_MIN_PIECE_TOKENS and k > 1:
       break
-    if step_temp_bytes(cfg, tokens) <= CPU_FRESH_BLOCK_BYTES:
+    if step_temp_bytes(cfg, tokens, k) <= CPU_FRESH_BLOCK_BYTES:
       return k
   for k in divisors:
     if rows // k * T * cfg.model.d_model <= CPU_SPLIT_ELEMENTS:
