@@ -32,7 +32,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
 from etils import epath
@@ -50,6 +50,7 @@ STATE_ITEM = "state"
 META_ITEM = "meta"
 TMP_MARKER = ".orbax-checkpoint-tmp"
 CORRUPT_SUFFIX = ".corrupt"
+REJECTED_SUFFIX = ".rejected"
 _FINAL_KEY = "lmjax_final"
 
 # Config keys that may differ between a checkpoint and the run resuming it:
@@ -547,7 +548,9 @@ class Checkpointer:
     return state, extras
 
   def restore(self, step: int | None = None, abstract_state: Any = None, *,
-              current_config: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+              current_config: dict[str, Any] | None = None,
+              accept: Callable[[dict[str, Any]], bool] | None = None,
+              ) -> tuple[Any, dict[str, Any]] | None:
     """Restores (state, extras) from `step`, or from the newest good step.
 
     Args:
@@ -559,6 +562,11 @@ class Checkpointer:
         only works on the same devices.
       current_config: if given, compared with extras["config"] of the step
         (check_compatible) before any array is read.
+      accept: if given, steps whose extras it rejects are passed over (only their
+        metadata is read) and, once an older step has restored, renamed to
+        `<step>.rejected` (not deleted), so that later saves and resumes go on
+        from the restored step. If it rejects every step, all are renamed and
+        None is returned.
 
     Returns:
       (state, extras); `self.restored_step` says which step it was.
@@ -578,8 +586,12 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoint in {self.directory}; train from scratch or "
                             "point --workdir at a run that saved one.")
     bad: list[tuple[int, str]] = []
+    rejected: list[int] = []
     for s in candidates:
       try:
+        if accept is not None and not accept(self._read_meta(s).get("extras", {})):
+          rejected.append(s)
+          continue
         state, extras = self._restore_step(s, abstract_state, current_config)
       except _BadStep as e:
         logging.error("checkpoint step %d in %s is unusable (%s); trying an older step.",
@@ -590,9 +602,13 @@ class Checkpointer:
         self._quarantine([b for b, _ in bad])
         logging.warning("restored step %d from %s after skipping bad step(s) %s.",
                         s, self.directory, [b for b, _ in bad])
+      self._set_aside(rejected, REJECTED_SUFFIX, "rejected")
       self.restored_step = s
       self._config_checked = self._config_checked or current_config is not None
       return state, extras
+    if rejected and not bad:
+      self._set_aside(rejected, REJECTED_SUFFIX, "rejected")
+      return None
     if step is not None:
       raise CheckpointError(f"checkpoint step {step} in {self.directory} is unusable "
                             f"({bad[0][1]}); restore another step or omit the step.")
@@ -603,18 +619,25 @@ class Checkpointer:
 
   def _quarantine(self, steps: Sequence[int]) -> None:
     """Renames bad steps to <step>.corrupt[.n] so orbax stops listing them."""
+    self._set_aside(steps, CORRUPT_SUFFIX, "bad")
+
+  def _set_aside(self, steps: Sequence[int], suffix: str, why: str) -> None:
+    """Renames steps to <step><suffix>[.n]: orbax stops listing them, nothing is deleted."""
+    if not steps:
+      return
     if jax.process_index() == 0:
       for s in steps:
         src = self._step_dir(s)
-        dst = self.directory / f"{s}{CORRUPT_SUFFIX}"
+        dst = self.directory / f"{s}{suffix}"
         n = 1
         while dst.exists():
-          dst = self.directory / f"{s}{CORRUPT_SUFFIX}.{n}"
+          dst = self.directory / f"{s}{suffix}.{n}"
           n += 1
         src.rename(dst)
-        logging.warning("moved bad checkpoint %s to %s (not deleted).", src, dst)
+        logging.warning("moved %s checkpoint %s to %s (not deleted).", why, src, dst)
+    self._final_steps.difference_update(steps)
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("lmjax_checkpoint_quarantine")
+      multihost_utils.sync_global_devices("lmjax_checkpoint_set_aside")
     self._manager.reload()
 
   def _report_uncommitted(self) -> None:

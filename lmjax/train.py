@@ -118,8 +118,8 @@ def make_train_step(cfg: Config, tx: optax.GradientTransformation,
         "var": jnp.where(skip | first, guard["var"],
                          (1 - ema) * (guard["var"] + ema * delta ** 2)),
         "count": guard["count"] + jnp.where(skip, 0, 1),
-        "bad_streak": jnp.where(bad, guard["bad_streak"] + 1,
-                                jnp.where(listed, guard["bad_streak"], 0)),
+        "bad_streak": jnp.where(listed, guard["bad_streak"],
+                                jnp.where(bad, guard["bad_streak"] + 1, 0)),
     }
     metrics = {
         "loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
@@ -566,9 +566,13 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
                                        keys_that_may_change=RESUMABLE_CHANGES)
   cfg_dict = config_lib.to_dict(cfg)
 
-  def restore():
-    state, extras = checkpointer.restore(abstract_state=trainer.abstract_state,
-                                         current_config=cfg_dict)
+  def restore(accept=None):
+    restored = checkpointer.restore(abstract_state=trainer.abstract_state,
+                                    current_config=cfg_dict, accept=accept)
+    if restored is None:  # every step was rejected (and set aside): the initial state
+      pipeline.set_state(initial_position)
+      return trainer.init_state(), 0, 0
+    state, extras = restored
     per_process = extras.get("data_per_process") or []
     same_topology = len(per_process) == jax.process_count()
     pipeline.set_state(per_process[jax.process_index()] if same_topology else extras["data"])
@@ -638,9 +642,12 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
             events.write({"event": "diverged", "step": step, "reason": reason})
             raise Diverged(reason)
           bad_step = step
+          # Only interval saves are healthy by construction; a save on a stop signal may
+          # sit inside the streak, and a rollback must go back past it, as an uninterrupted
+          # run would. With no healthy save the initial state is the last healthy one.
           if checkpointer.latest_step() is not None:
-            state, step, _ = restore()
-          else:  # nothing saved yet: the initial state is the last healthy one
+            state, step, _ = restore(accept=lambda extras: extras.get("healthy", True))
+          else:
             state, step = trainer.init_state(), 0
             pipeline.set_state(initial_position)
           rollbacks += 1

@@ -331,6 +331,25 @@ def test_no_good_step_is_one_line_error_and_changes_nothing(tmp_path):
   assert _dir_hash(ckdir) == before
 
 
+def test_restore_with_accept_passes_over_rejected_steps_and_sets_them_aside(tmp_path):
+  states = _two_steps(tmp_path)
+  ckdir = tmp_path / "checkpoints"
+  with ck.Checkpointer(tmp_path, SYNC) as c:
+    got, extras = c.restore(abstract_state=_same_sharding_abstract(states[1]),
+                            accept=lambda extras: extras["data_pos"] < 20)
+    assert c.restored_step == 1 and extras["data_pos"] == 10
+    _assert_state_equal(got, states[1])
+    # Renamed, not deleted; step 2 can be saved again.
+    assert (ckdir / "2.rejected").is_dir() and c.latest_step() == 1
+    assert c.save(2, states[2], {"data_pos": 20, "config": CONFIG})
+    assert c.all_steps() == [1, 2]
+    # Rejecting every step sets them all aside and returns None: the caller starts afresh.
+    assert c.restore(abstract_state=_same_sharding_abstract(states[1]),
+                     accept=lambda extras: False) is None
+    assert c.latest_step() is None
+  assert sorted(p.name for p in ckdir.iterdir()) == ["1.rejected", "2.rejected", "2.rejected.1"]
+
+
 def test_incompatible_config_is_refused_and_files_untouched(tmp_path):
   states = _two_steps(tmp_path)
   ckdir = tmp_path / "checkpoints"

@@ -116,6 +116,55 @@ def test_persistent_divergence_rolls_back_then_stops_as_diverged(tmp_path):
   assert [e["lr_scale"] for e in events[:2]] == [0.5, 0.25]
 
 
+@pytest.mark.parametrize("first_nan,every_steps,rollback", [(9, 4, (11, 8)), (2, 100, (4, 0))])
+def test_rollback_after_a_resume_inside_a_bad_streak_lands_where_uninterrupted_does(
+    tmp_path, monkeypatch, first_nan, every_steps, rollback):
+  # Four NaN batches in a row from `first_nan`; 3 bad steps in a row roll back.
+  # Uninterrupted, the run rolls back at the third (to the step-8 checkpoint, or to the
+  # initial state when nothing was saved yet), replays those steps as listed skips, which
+  # are not evidence, and the fourth starts a new streak of one. Stopped at the second bad
+  # step, the run saves there inside the streak (healthy: false); resumed, its rollback
+  # must go back past that save. Restoring the newest save instead brings back a streak of
+  # 2, which the fourth NaN pushes to 3: a second rollback, a lower lr, a different run.
+  from lmjax.preemption import Preempted, StopFlag
+  cfg = _tiny(steps=24)
+  cfg = dataclasses.replace(cfg, guard=dataclasses.replace(cfg.guard, max_consecutive_bad=3),
+                            checkpoint=dataclasses.replace(cfg.checkpoint,
+                                                           every_steps=every_steps))
+  bad_steps = range(first_nan, first_nan + 4)
+
+  def poison(m):
+    for step in bad_steps:
+      _nan_at(m, step)
+  with monkeypatch.context() as m:
+    poison(m)
+    straight = train(cfg, str(tmp_path / "straight"))
+  work = tmp_path / "stopped"
+  flag = StopFlag()
+
+  def stop_in_streak(step, record):
+    if step == first_nan + 1:
+      flag.request()
+  with monkeypatch.context() as m:
+    poison(m)
+    with pytest.raises(Preempted):
+      train(cfg, str(work), on_step=stop_in_streak, stop=flag)
+    resumed = train(cfg, str(work))
+
+  def rollbacks(d):
+    events = [json.loads(l) for l in (d / "events.jsonl").read_text().splitlines()]
+    return [(e["step"], e["to_step"]) for e in events if e["event"] == "rollback"]
+  assert rollbacks(work) == rollbacks(tmp_path / "straight") == [rollback]
+  assert resumed["rollbacks"] == straight["rollbacks"] == 1
+  assert [s["step"] for s in _skip_list(work)] == list(bad_steps)
+  np.testing.assert_allclose(_losses(read_metrics(str(work))),
+                             _losses(read_metrics(str(tmp_path / "straight"))), rtol=1e-6)
+  assert resumed["final_eval_loss"] == pytest.approx(straight["final_eval_loss"], rel=1e-6)
+  # The unhealthy save was set aside, not deleted.
+  assert (work / "checkpoints" / f"{first_nan + 1}.rejected").is_dir()
+  assert not (work / "checkpoints" / f"{first_nan + 1}").exists()
+
+
 def test_sweep_records_a_diverged_run_and_finishes_the_others(tmp_path):
   from lmjax.scaling import manifest as manifest_lib
   from lmjax.scaling.plan import PlannedRun, SweepConfig
