@@ -200,7 +200,6 @@ CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 # unmaps each time: for nanoGPT 'small' (B 16, T 256, D 384) 1.18 GB, ~300,000 page faults
 # and ~1 s of system CPU per step. Cutting the batch into sequential pieces (gradient
 # accumulation) shrinks the block: 4 pieces made that step 10-15% faster (docs/performance.md).
-CPU_SPLIT_ELEMENTS = 2 ** 19   # the most per-device tokens x d_model in one piece (auto)
 # Below glibc's largest mmap threshold (32 MiB on 64-bit) a freed block raises the threshold
 # and the next step's block comes from the heap: no fresh pages at all. nanoGPT 'baby'
 # (47 MiB of temporaries, ~12,600 faults and ~42 ms of system time per 75 ms step) ran
@@ -210,6 +209,14 @@ CPU_FRESH_BLOCK_BYTES = 32 << 20
 # widened to 8 and to 16 layers (d_model 128) ran fastest in 192-token pieces, 1.08x faster
 # than in 256-token ones at 8 layers; 128-token pieces lost again (benchmarks/step_ab.py).
 CPU_MIN_PIECE_TOKENS = 192
+# Where no piece fits under the threshold, pieces trade page faults (measured 3.2-3.6 us a
+# 4 KiB page on 'small' and 'baby' at 16 layers) against matmul efficiency. The fewest
+# pieces whose faults cost at most 15% of the step's matmuls at 100 GFLOP/s (2 cores)
+# were the fastest or within 3% of it for five shapes; the tokens x d_model rule it
+# replaces was 1.09-1.15x slower on three of them (docs/performance.md, ninth pass).
+CPU_FAULT_SECONDS_PER_BYTE = 3.5e-6 / 4096
+CPU_MATMUL_FLOPS_PER_S = 1e11
+CPU_FAULT_BUDGET = 0.15
 
 
 def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
@@ -225,12 +232,13 @@ def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
 
 def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
-  set, else auto, among the divisors of the per-device rows:
-    * the fewest whose piece's temporaries fit CPU_FRESH_BLOCK_BYTES, if pieces of at least
-      CPU_MIN_PIECE_TOKENS tokens get there ('baby': 2, at 8 layers 4; the default sweep's
-      models: 1);
-    * otherwise the fewest that keep a piece's tokens x d_model within CPU_SPLIT_ELEMENTS
-      ('small': 4).
+  set, else auto, among the divisors of the per-device rows that leave pieces of at least
+  CPU_MIN_PIECE_TOKENS tokens:
+    * the fewest whose step temporaries fit CPU_FRESH_BLOCK_BYTES ('baby': 2, at 8 layers
+      4; the default sweep's models: 1);
+    * otherwise the fewest whose page faults cost at most CPU_FAULT_BUDGET of the step's
+      matmul time ('small': 4);
+    * otherwise the most ('baby' at 16 layers: 4).
   """
   if not sharding.is_cpu(mesh):
     return 1
@@ -241,17 +249,18 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
             f"and microbatch; use a divisor of {rows}, or 0 (auto).", ConfigError)
     return cfg.train.cpu_splits
   T = cfg.train.seq_len
-  divisors = [k for k in range(1, rows + 1) if rows % k == 0]
-  for k in divisors:
-    tokens = rows // k * T
-    if tokens < CPU_MIN_PIECE_TOKENS and k > 1:
-      break
-    if step_temp_bytes(cfg, tokens, k) <= CPU_FRESH_BLOCK_BYTES:
+  pieces = [k for k in range(1, rows + 1)
+            if rows % k == 0 and (k == 1 or rows // k * T >= CPU_MIN_PIECE_TOKENS)]
+  temp = {k: step_temp_bytes(cfg, rows // k * T, k) for k in pieces}
+  for k in pieces:
+    if temp[k] <= CPU_FRESH_BLOCK_BYTES:
       return k
-  for k in divisors:
-    if rows // k * T * cfg.model.d_model <= CPU_SPLIT_ELEMENTS:
+  matmul_s = (flops_lib.flops_per_token(cfg.model, T, "matmul") * rows * cfg.optim.grad_accum
+              * T / CPU_MATMUL_FLOPS_PER_S)
+  for k in pieces:
+    if temp[k] * CPU_FAULT_SECONDS_PER_BYTE <= CPU_FAULT_BUDGET * matmul_s:
       return k
-  return max(rows, 1)
+  return pieces[-1]
 
 
 # Config fields a run's programs never see: they reach the step as traced hparams (lr,

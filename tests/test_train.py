@@ -161,7 +161,9 @@ def _nanogpt(small, layers, heads, d, seq, batch):
 
 
 def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
-  from lmjax.train import CPU_FRESH_BLOCK_BYTES, CPU_SPLIT_ELEMENTS, cpu_splits, step_temp_bytes
+  from lmjax import flops as flops_lib
+  from lmjax.train import (CPU_FAULT_BUDGET, CPU_FAULT_SECONDS_PER_BYTE, CPU_FRESH_BLOCK_BYTES,
+                           CPU_MATMUL_FLOPS_PER_S, cpu_splits, step_temp_bytes)
   small = _tiny()                                     # 8 x 32 tokens x d_model 32
   assert cpu_splits(small, _mesh()) == 1
   # nanoGPT 'baby': 12 x 64 tokens, ~50 MiB of temporaries -> 2 pieces of ~25 MiB, under
@@ -174,14 +176,23 @@ def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
   deep = _nanogpt(small, 8, 4, 128, 64, 12)
   assert step_temp_bytes(deep, 256, 3) > CPU_FRESH_BLOCK_BYTES >= step_temp_bytes(deep, 192, 4)
   assert cpu_splits(deep, _mesh()) == 4
-  # nanoGPT 'small': no piece of >= 256 tokens gets under the threshold, so the elements
-  # rule holds: 16 x 256 tokens x 384 = 3 x CPU_SPLIT_ELEMENTS -> the fewest dividing
-  # pieces that fit is 4; two data-parallel devices hold 8 rows each -> 2 pieces.
+  # At 16 layers no piece of >= 192 tokens fits, and no split brings the page faults
+  # within budget (this model's matmuls are few for its activations): the most pieces.
+  assert cpu_splits(_nanogpt(small, 16, 4, 128, 64, 12), _mesh()) == 4
+  # nanoGPT 'small': no piece fits; the fewest pieces whose faults (~0.9 ms per MiB) stay
+  # within 15% of the step's matmuls (~2.9 s at 100 GFLOP/s) are 4 (~330 MiB), not 2.
   cfg = _nanogpt(small, 6, 6, 384, 256, 16)
-  assert step_temp_bytes(cfg, 256) > CPU_FRESH_BLOCK_BYTES
-  assert 16 * 256 * 384 == 3 * CPU_SPLIT_ELEMENTS
+  matmul_s = flops_lib.flops_per_token(cfg.model, 256, "matmul") * 16 * 256 / CPU_MATMUL_FLOPS_PER_S
+
+  def fault_share(tokens, pieces):
+    return step_temp_bytes(cfg, tokens, pieces) * CPU_FAULT_SECONDS_PER_BYTE / matmul_s
+  assert step_temp_bytes(cfg, 256, 16) > CPU_FRESH_BLOCK_BYTES
+  assert fault_share(2048, 2) > CPU_FAULT_BUDGET >= fault_share(1024, 4)
   assert cpu_splits(cfg, _mesh()) == 4
-  assert cpu_splits(cfg, _mesh(2)) == 2
+  # Two data-parallel devices hold 8 rows each: half the matmuls against the same pieces'
+  # faults, so 4 pieces of 2 rows. Two accumulation microbatches of 8 rows: the step's
+  # matmuls are unchanged, so 2 pieces of 4 rows.
+  assert cpu_splits(cfg, _mesh(2)) == 4
   accum = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_accum=2))
   assert cpu_splits(accum, _mesh()) == 2
   fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=8))
