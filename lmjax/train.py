@@ -213,7 +213,7 @@ CPU_MIN_PIECE_TOKENS = 192
 # 4 KiB page on 'small' and 'baby' at 16 layers) against matmul efficiency. The fewest
 # pieces whose faults cost at most 15% of the step's matmuls at 100 GFLOP/s (2 cores)
 # were the fastest or within 3% of it for five shapes; the tokens x d_model rule it
-# replaces was 1.09-1.15x slower on three of them (docs/performance.md, ninth pass).
+# replaces left three of them 1.03-1.15x slower (docs/performance.md, ninth pass).
 CPU_FAULT_SECONDS_PER_BYTE = 3.5e-6 / 4096
 CPU_MATMUL_FLOPS_PER_S = 1e11
 CPU_FAULT_BUDGET = 0.15
@@ -221,7 +221,7 @@ CPU_FAULT_BUDGET = 0.15
 
 def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
   """Rough f32 temporaries of a train step whose pieces have `tokens` tokens (what XLA:CPU's
-  memory_analysis reports, within ~25%): per layer ~28 floats per token and model
+  memory_analysis reports, within ~15%): per layer ~28 floats per token and model
   dimension plus one attention row per head, the logits' softmax, and with more than one
   piece the gradient they accumulate into (one float per parameter)."""
   m = cfg.model
