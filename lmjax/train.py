@@ -38,7 +38,7 @@ from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
-from lmjax.model import Transformer
+from lmjax.model import Transformer, init_params
 from lmjax.optim import accumulate_gradients, make_optimizer, make_schedule, schedule_value
 from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
@@ -209,6 +209,14 @@ CPU_FRESH_BLOCK_BYTES = 32 << 20
 # widened to 8 and to 16 layers (d_model 128) ran fastest in 192-token pieces, 1.08x faster
 # than in 256-token ones at 8 layers; 128-token pieces lost again (benchmarks/step_ab.py).
 CPU_MIN_PIECE_TOKENS = 192
+# Scanned layers want bigger pieces. A scan's iterations run one after another, and small
+# pieces leave the two cores idle between them (CPU-busy/wall fell from 1.84 to 1.63 at 4
+# pieces), while a scanned step keeps more temporaries than an unrolled one (stacked
+# residuals), so its pieces rarely get under the 32 MiB threshold. 'baby' at 24 layers,
+# scanned, ran 1.03-1.26x faster whole than in 4 pieces of 192 tokens (remat none, dots,
+# full); at 4 and 8 layers they tied; 'small' (1,024-token pieces) still ran 1.76x faster in
+# 4 pieces than whole (benchmarks/step_ab.py; docs/performance.md, tenth pass).
+CPU_MIN_SCAN_PIECE_TOKENS = 1024
 # Where no piece fits under the threshold, pieces trade page faults (measured 3.2-3.6 us a
 # 4 KiB page on 'small' and 'baby' at 16 layers) against matmul efficiency. The fewest
 # pieces whose faults cost at most 15% of the step's matmuls at 100 GFLOP/s (2 cores)
@@ -239,6 +247,8 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
     * otherwise the fewest whose page faults cost at most CPU_FAULT_BUDGET of the step's
       matmul time ('small': 4);
     * otherwise the most ('baby' at 16 layers: 4).
+  With model.scan_layers the pieces must have CPU_MIN_SCAN_PIECE_TOKENS ('baby' at any
+  depth: 1; 'small': 4).
   """
   if not sharding.is_cpu(mesh):
     return 1
@@ -249,8 +259,9 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
             f"and microbatch; use a divisor of {rows}, or 0 (auto).", ConfigError)
     return cfg.train.cpu_splits
   T = cfg.train.seq_len
+  min_tokens = CPU_MIN_SCAN_PIECE_TOKENS if cfg.model.scan_layers else CPU_MIN_PIECE_TOKENS
   pieces = [k for k in range(1, rows + 1)
-            if rows % k == 0 and (k == 1 or rows // k * T >= CPU_MIN_PIECE_TOKENS)]
+            if rows % k == 0 and (k == 1 or rows // k * T >= min_tokens)]
   temp = {k: step_temp_bytes(cfg, rows // k * T, k) for k in pieces}
   for k in pieces:
     if temp[k] <= CPU_FRESH_BLOCK_BYTES:
@@ -349,19 +360,19 @@ def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Progr
                     "save memory, or model.remat='none' to save the time", cfg.model.remat)
   # Init traces one row, which an explicit attention_chunks > 1 cannot split; the chunks
   # schedule attention and make no parameters, so init runs with the auto count.
-  init_model = Transformer(dataclasses.replace(cfg.model, attention_chunks=0))
+  init_cfg = dataclasses.replace(cfg.model, attention_chunks=0)
 
   def init_boxed(rng):
     params_rng, rng = jax.random.split(rng)
-    params = init_model.init(params_rng, jnp.zeros((1, cfg.train.seq_len), jnp.int32))["params"]
+    params = init_params(init_cfg, params_rng, 1, cfg.train.seq_len)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": tx.init(params), "rng": jax.random.key_data(rng),
             "guard": init_guard_state()}
 
   abstract_params = jax.eval_shape(
-      lambda: init_model.init(jax.random.key(0), jnp.zeros((1, cfg.train.seq_len), jnp.int32)))
+      lambda: init_params(init_cfg, jax.random.key(0), 1, cfg.train.seq_len))
   # Without the lr (scale_by_lr=False) the optimizer does not use the schedule's length.
-  tx = make_optimizer(cfg.optim, cfg.total_steps(), abstract_params["params"],
+  tx = make_optimizer(cfg.optim, cfg.total_steps(), abstract_params,
                       scale_by_lr=False)
   boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   state_shardings = sharding.tree_shardings(boxed, mesh)

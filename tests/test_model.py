@@ -107,11 +107,20 @@ def test_scanned_equals_unrolled(overrides):
   params.update({f"layer_{i}": p for i, p in enumerate(layers)})
   np.testing.assert_allclose(_logits(scanned_cfg, stacked, tokens), _logits(cfg, params, tokens),
                              rtol=1e-5, atol=1e-5)
-  # And the scanned init has exactly that layout, with a leading "layers" logical axis.
+  # The scanned init draws exactly those parameters from the same key (scan_layers is a
+  # layout, not another model). Each layout is boxed as flax's own init of it boxes it:
+  # scanned with a leading "layers" logical axis.
   boxed = init_params(scanned_cfg, jax.random.key(0), 1, cfg.max_len)
-  assert jax.tree.map(jnp.shape, nn.meta.unbox(boxed)) == jax.tree.map(jnp.shape, stacked)
-  w_q = boxed["layers"]["block"]["attn"]["w_q"]
-  assert w_q.names == ("layers", "embed", "heads", "kv")
+  for ours, want in zip(jax.tree.leaves(nn.meta.unbox(boxed)), jax.tree.leaves(stacked),
+                        strict=True):
+    np.testing.assert_array_equal(ours, want)
+  tokens_init = jnp.zeros((1, cfg.max_len), jnp.int32)
+  for c, ours in ((scanned_cfg, boxed), (cfg, init_params(cfg, jax.random.key(0), 1, cfg.max_len))):
+    own = jax.eval_shape(lambda c=c: Transformer(c).init(jax.random.key(0), tokens_init)["params"])
+    assert jax.tree.structure(jax.eval_shape(lambda o=ours: o)) == jax.tree.structure(own)
+    assert jax.tree.map(jnp.shape, nn.meta.unbox(own)) == jax.tree.map(jnp.shape,
+                                                                       nn.meta.unbox(ours))
+  assert boxed["layers"]["block"]["attn"]["w_q"].names == ("layers", "embed", "heads", "kv")
 
 
 def _grad_and_temp_bytes(cfg, params, tokens):

@@ -69,7 +69,10 @@ def _assert_same_run(group_dir: Path, lone_dir: Path, cfg: Config) -> None:
     assert set(ra) == set(rb), (ra, rb)
     for key in set(ra) - set(TIMING):
       np.testing.assert_allclose(ra[key], rb[key], rtol=1e-5, err_msg=f"{key} at {ra['step']}")
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+  # atol 1e-5: Adam turns the vmapped program's rounding in near-zero gradients (rare
+  # tokens' embedding rows) into ~2e-6 after 24 steps; another member's lr or data order
+  # moves them by orders of magnitude more.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
                _final_params(cfg, group_dir), _final_params(cfg, lone_dir))
 
 
@@ -165,8 +168,8 @@ def test_nan_batch_or_skip_flag_skips_only_that_member():
                               skip=(k == 1 and s == nan_at) or (k == 2 and s == flag_at))
     got = jax.device_get(group.member_state(state_K, k))
     want = jax.device_get(state)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-                 got["params"], want["params"])
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5),
+                 got["params"], want["params"])  # atol: see _assert_same_run
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  got["opt_state"], want["opt_state"])
     assert int(got["step"]) == steps
@@ -210,8 +213,12 @@ def test_group_step_cuts_batches_like_the_lone_step():
   hparams = {"total_steps": np.int32(STEPS), "warmup_steps": np.int32(2),
              "peak_lr": np.float32(cfg.optim.lr), "skip": np.bool_(False)}
   stack = lambda tree: jax.tree.map(lambda x: np.asarray(x)[None], tree)
-  _, lone_m = jax.jit(make_train_step(cfg, tx, 2))(state, batch, hparams)
-  _, group_m = jax.jit(make_group_step(cfg, tx, 1, 2))(stack(jax.device_get(state)), stack(batch),
-                                                       stack(hparams))
+  lone_s, lone_m = jax.jit(make_train_step(cfg, tx, 2))(state, batch, hparams)
+  group_s, group_m = jax.jit(make_group_step(cfg, tx, 1, 2))(
+      stack(jax.device_get(state)), stack(batch), stack(hparams))
+  # The new state is bitwise the lone one. The metrics' norms are reductions, which the
+  # vmapped program may sum in another order (param_norm was 1 ulp apart with equal params).
+  jax.tree.map(lambda g, l: np.testing.assert_array_equal(np.asarray(g)[0], l),
+               jax.device_get(group_s), jax.device_get(lone_s))
   for key in ("loss", "grad_norm", "param_norm"):
-    assert float(group_m[key][0]) == float(lone_m[key]), key
+    assert float(group_m[key][0]) == pytest.approx(float(lone_m[key]), rel=1e-6), key

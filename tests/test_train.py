@@ -197,6 +197,13 @@ def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
   assert cpu_splits(accum, _mesh()) == 2
   fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, cpu_splits=8))
   assert cpu_splits(fixed, _mesh()) == 8
+  # Scanned layers take pieces of at least 1,024 tokens: 'baby' (768 tokens) stays whole at
+  # 4 and at 24 layers, 'small' keeps its 4 pieces of 1,024, and on 2 devices (2,048 tokens
+  # each) it gets 2.
+  scan = lambda c: dataclasses.replace(c, model=dataclasses.replace(c.model, scan_layers=True))
+  assert cpu_splits(scan(baby), _mesh()) == cpu_splits(scan(_nanogpt(small, 24, 4, 128, 64, 12)),
+                                                       _mesh()) == 1
+  assert cpu_splits(scan(cfg), _mesh()) == 4 and cpu_splits(scan(cfg), _mesh(2)) == 2
 
 
 def test_step_temp_estimate_tracks_xla_memory_analysis():
@@ -243,6 +250,36 @@ def test_cpu_splits_leave_the_training_trajectory_unchanged():
   np.testing.assert_allclose(results[4][0], results[1][0], rtol=2e-6)
   for a, b in zip(jax.tree.leaves(results[4][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_scan_layers_trains_the_same_model_as_unrolled_layers():
+  """scan_layers is a layout: the same seed gives the same losses and parameters."""
+  import jax
+  from lmjax.train import Trainer
+  results = {}
+  for scan in (False, True):
+    cfg = _tiny(steps=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=3,
+                                                             scan_layers=scan))
+    trainer = Trainer(cfg, _mesh())
+    state = trainer.init_state()
+    losses = []
+    tok = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (8, 33), np.int32)
+    batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": np.ones((8, 32), np.float32)}
+    for _ in range(3):  # one batch again and again, so the loss must fall
+      state, metrics = trainer.step(state, batch)
+      losses.append(float(metrics["loss"]))
+    params = jax.device_get(state["params"])
+    if scan:
+      params = dict(params)
+      stacked = params.pop("layers")["block"]
+      params.update({f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(3)})
+    results[scan] = (losses, params)
+  assert results[False][0][-1] < results[False][0][0]  # it trained
+  np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[True][1]), jax.tree.leaves(results[False][1]),
+                  strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_cpu_splits_that_do_not_divide_the_batch_are_one_line():
