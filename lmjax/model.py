@@ -566,7 +566,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, batch: int = 1, seq_len: int |
   the unrolled layout gets its layers sliced out as layer_0 .. layer_{L-1}). So
   scan_layers changes how a step runs and compiles, not what a run trains: one seed gives
   one model and one loss curve in either layout. Tracing one block also keeps a deep
-  model's init cheap to compile: 0.8 s at 24 layers against 9.7 s for an unrolled init."""
+  model's init cheap to compile: an unrolled 24-layer init took 1.9 s instead of 12 s."""
   tokens = jnp.zeros((batch, seq_len or cfg.max_len), jnp.int32)
   scanned_cfg = dataclasses.replace(cfg, scan_layers=True, remat="none")
   params = Transformer(scanned_cfg).init(rng, tokens)["params"]
