@@ -587,9 +587,13 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
   cfg_dict = config_lib.to_dict(cfg)
 
   def restore(accept=None):
-    restored = checkpointer.restore(abstract_state=trainer.abstract_state,
-                                    current_config=cfg_dict, accept=accept)
-    if restored is None:  # every step was rejected (and set aside): the initial state
+    """(state, step, rollbacks) of the newest checkpoint that `accept` takes; the initial
+    state, with the data back at its start, where there is none."""
+    restored = None
+    if checkpointer.latest_step() is not None:
+      restored = checkpointer.restore(abstract_state=trainer.abstract_state,
+                                      current_config=cfg_dict, accept=accept)
+    if restored is None:  # nothing saved, or every step rejected (and set aside)
       pipeline.set_state(initial_position)
       return trainer.init_state(), 0, 0
     state, extras = restored
@@ -598,14 +602,11 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
     pipeline.set_state(per_process[jax.process_index()] if same_topology else extras["data"])
     return state, int(jax.device_get(state["step"])), int(extras.get("rollbacks", 0))
 
-  rollbacks = 0
   initial_position = pipeline.get_state()
-  if checkpointer.latest_step() is not None:
-    state, start_step, rollbacks = restore()
-    trainer.lr_scale = cfg.guard.rollback_lr_factor ** rollbacks
+  state, start_step, rollbacks = restore()
+  trainer.lr_scale = cfg.guard.rollback_lr_factor ** rollbacks
+  if start_step:
     logging.info("resumed %s at step %d", workdir, start_step)
-  else:
-    state, start_step = trainer.init_state(), 0
 
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
   flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len,
@@ -665,11 +666,7 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
           # Only interval saves are healthy by construction; a save on a stop signal may
           # sit inside the streak, and a rollback must go back past it, as an uninterrupted
           # run would. With no healthy save the initial state is the last healthy one.
-          if checkpointer.latest_step() is not None:
-            state, step, _ = restore(accept=lambda extras: extras.get("healthy", True))
-          else:
-            state, step = trainer.init_state(), 0
-            pipeline.set_state(initial_position)
+          state, step, _ = restore(accept=lambda extras: extras.get("healthy", True))
           rollbacks += 1
           trainer.lr_scale = cfg.guard.rollback_lr_factor ** rollbacks
           events.write({"event": "rollback", "step": bad_step, "to_step": step,
