@@ -10,6 +10,7 @@ from typing import Any
 
 import jax
 
+from lmjax import allocator
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
 from lmjax.config import Config
@@ -40,6 +41,7 @@ def machine_info() -> dict[str, Any]:
       "jax": jax.__version__,
       "jax_backend": jax.default_backend(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "malloc": allocator.current(),  # this process's; lmjax's CLIs run on mimalloc
       "flax": flax.__version__,
       "optax": optax.__version__,
   }

@@ -32,6 +32,7 @@ import bench_common
 import jax
 import numpy as np
 
+from lmjax import allocator
 from lmjax import flops as flops_lib
 from lmjax import sharding
 from lmjax.config import Config, TrainConfig
@@ -290,10 +291,33 @@ def _serve(conn, kind: str, args: tuple) -> None:
     if method == "stop":
       return
     try:
-      value = runner.last_loss if method == "last_loss" else getattr(runner, method)(*call_args)
+      value = (runner.last_loss if method == "last_loss" else allocator.current()
+               if method == "malloc" else getattr(runner, method)(*call_args))
       conn.send((True, value))
     except Exception as e:
       conn.send((False, f"{type(e).__name__}: {e}"))
+
+
+def _set_env(env: dict[str, str | None]) -> None:
+  for k, v in env.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+
+
+def worker_env(kind: str, malloc: str) -> dict[str, str | None]:
+  """Environment changes for a worker: which malloc it runs on (see --malloc)."""
+  mimalloc = allocator.reexec_env({**os.environ, "LD_PRELOAD": "", allocator.ENV: "mimalloc"},
+                                  allocator.mimalloc_library())
+  if malloc == "mimalloc" or (malloc == "lmjax" and kind == "lmjax"):
+    if mimalloc is None:
+      raise SystemExit("--malloc needs the mimalloc library (pip install cmeel-mimalloc, "
+                       "Linux x86_64); or pass --malloc=system")
+    if malloc == "lmjax" and allocator.choice(os.environ) == "system":
+      return {}  # LMJAX_MALLOC=system: lmjax's CLIs would keep glibc's malloc too
+    return {k: v for k, v in mimalloc.items() if k == "LD_PRELOAD" or k.startswith("MIMALLOC")}
+  return {"LD_PRELOAD": None}
 
 
 class IsolatedRunner:
@@ -306,12 +330,17 @@ class IsolatedRunner:
   its turn sleeps in a pipe read.
   """
 
-  def __init__(self, kind: str, *args):
+  def __init__(self, kind: str, *args, env: dict[str, str | None] | None = None):
     import multiprocessing
     ctx = multiprocessing.get_context("spawn")
     self.conn, child = ctx.Pipe()
     self.proc = ctx.Process(target=_serve, args=(child, kind, args), daemon=True)
-    self.proc.start()
+    saved = {k: os.environ.get(k) for k in env or {}}
+    try:  # the spawned interpreter inherits os.environ: LD_PRELOAD picks its allocator
+      _set_env(env or {})
+      self.proc.start()
+    finally:
+      _set_env(saved)
     self._answer()
 
   def _answer(self):
@@ -334,6 +363,10 @@ class IsolatedRunner:
   def last_loss(self) -> float:
     return self._call("last_loss")
 
+  @property
+  def malloc(self) -> str:
+    return self._call("malloc")
+
   def close(self) -> None:
     self.conn.send(("stop", ()))
     self.proc.join(timeout=30)
@@ -353,7 +386,8 @@ def make_batches(shape: dict, n: int = 16, seed: int = 0) -> list[dict[str, np.n
 
 def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: int,
               adamw_impl: str, torch_threads: list[int], peaks: dict,
-              isolate: bool = True, warm_steps: int = 1) -> dict[str, Any]:
+              isolate: bool = True, warm_steps: int = 1,
+              malloc: str = "lmjax") -> dict[str, Any]:
   shape = CONFIGS[name]
   tokens_per_step = shape["batch"] * shape["seq_len"]
   batches = make_batches(shape)
@@ -363,7 +397,7 @@ def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: in
 
   def make(kind, *args):
     if isolate:
-      return IsolatedRunner(kind, *args)
+      return IsolatedRunner(kind, *args, env=worker_env(kind, malloc))
     return LmjaxRunner(*args) if kind == "lmjax" else TorchRunner(*args)
 
   for v in variants:
@@ -427,6 +461,8 @@ def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: in
         "flops_per_s_matmul_full_attention": med * fpt["matmul"],
         "mfu_6N": med * fpt["6N"] / peaks[fw][dtype],
         "final_loss": runners[label].last_loss,
+        "malloc": (runners[label].malloc if isinstance(runners[label], IsolatedRunner)
+                   else allocator.current()),
     }
     results[label] = res
   best_torch = None
@@ -483,6 +519,11 @@ def main(argv: list[str] | None = None) -> dict:
                  help="process: each runner in its own worker process (default; the "
                       "frameworks' thread pools disturb each other in one process); "
                       "none: all in this process")
+  p.add_argument("--malloc", default="lmjax", choices=("lmjax", "system", "mimalloc"),
+                 help="workers' allocators. lmjax (default): each as it ships: the lmjax "
+                      "worker on mimalloc, as lmjax's command lines (lmjax/allocator.py; "
+                      "LMJAX_MALLOC=system keeps glibc's), torch on glibc's malloc; system: "
+                      "both on glibc's; mimalloc: both on mimalloc. Needs process isolation.")
   p.add_argument("--out", default="", help="also write the JSON here")
   args = p.parse_args(argv)
 
@@ -494,6 +535,9 @@ def main(argv: list[str] | None = None) -> dict:
   for d in dtypes:
     if d not in DTYPES:
       raise SystemExit(f"unknown dtype {d!r}; choose from {DTYPES}")
+  if args.isolation == "none" and args.malloc != "lmjax":
+    raise SystemExit("--malloc needs --isolation=process: a process's allocator is fixed "
+                     "when it starts")
   if args.warm_steps < 0 or args.steps < 0 or args.rounds < 1:
     raise SystemExit("--warm_steps and --steps must be >= 0 and --rounds >= 1")
   variants = args.variants.split(";")
@@ -510,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict:
       steps = args.steps or CONFIGS[name]["steps"]
       runs.append(bench_one(name, dtype, variants, steps, args.rounds, args.torch_adamw,
                             torch_threads, peaks_start, args.isolation == "process",
-                            args.warm_steps))
+                            args.warm_steps, args.malloc))
       print(f"# {name} {dtype}: " + ", ".join(
           f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in runs[-1]["results"].items()),
             file=sys.stderr, flush=True)

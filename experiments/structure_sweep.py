@@ -252,7 +252,10 @@ def _define_flags() -> None:
 
 def cli():
   from absl import logging
+  from lmjax import allocator
   from lmjax.errors import run_cli
+
+  run_cli(allocator.maybe_reexec)  # mimalloc on Linux, as lmjax's own CLIs
 
   def quiet_main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO

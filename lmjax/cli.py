@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
+from lmjax import allocator
 from lmjax.errors import EXIT_USER_ERROR, run_cli
 
 
@@ -15,8 +16,10 @@ def run_main(main: Callable, *, config_required: bool = False, workdir: bool = F
   """Defines --config (a config file; --config.a.b=v overrides) and --workdir, then runs main.
 
   Flag errors (an unknown --config.key, a bad value, a missing config file) become one line
-  on stderr and exit status 2, like every other UserError.
+  on stderr and exit status 2, like every other UserError. Before anything else, the process
+  may re-execute itself once on mimalloc (lmjax/allocator.py says when and why).
   """
+  run_cli(allocator.maybe_reexec)
   from absl import app, flags
   from ml_collections import config_flags
 

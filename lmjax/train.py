@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from lmjax import allocator
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
@@ -196,15 +197,23 @@ def cpu_compiler_options(mesh: jax.sharding.Mesh, *extra: dict,
 CPU_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
-# XLA:CPU gives every execution its temporaries as one fresh block, which glibc maps and
-# unmaps each time: for nanoGPT 'small' (B 16, T 256, D 384) 1.18 GB, ~300,000 page faults
-# and ~1 s of system CPU per step. Cutting the batch into sequential pieces (gradient
-# accumulation) shrinks the block: 4 pieces made that step 10-15% faster (docs/performance.md).
-# Below glibc's largest mmap threshold (32 MiB on 64-bit) a freed block raises the threshold
-# and the next step's block comes from the heap: no fresh pages at all. nanoGPT 'baby'
-# (47 MiB of temporaries, ~12,600 faults and ~42 ms of system time per 75 ms step) ran
-# 1.22x faster as 2 pieces of 25 MiB (benchmarks/step_ab.py; docs/performance.md).
-CPU_FRESH_BLOCK_BYTES = 32 << 20
+# XLA:CPU gives every execution its temporaries as one block, and a block the allocator does
+# not reuse is paged in afresh every step: for nanoGPT 'small' (B 16, T 256, D 384) 1.18 GB,
+# ~300,000 page faults and ~1 s of system CPU per step under glibc. Cutting the batch into
+# sequential pieces (gradient accumulation) shrinks the block. The largest block that comes
+# back without fresh pages depends on the allocator (lmjax/allocator.py):
+#  * glibc: its largest mmap threshold, 32 MiB on 64-bit; nanoGPT 'baby' (47 MiB, ~12,600
+#    faults and ~42 ms of system time per 75 ms step) ran 1.22x faster as 2 pieces of 25 MiB;
+#  * mimalloc with MIMALLOC_PURGE_DELAY=-1, what lmjax's CLIs run on: it keeps blocks of
+#    hundreds of MiB mapped (0 faults, ~15 ms of system time a 'small' step in 2 or 4
+#    pieces), but the 1,130 MiB of an unsplit 'small' step cost 1.4 s of system time each
+#    step (1.51x slower than 4 pieces). Measured with it, the fastest pieces of six shapes
+#    were whole for 'baby' at 4, 8 and 16 layers (47-177 MiB; 1.11-1.29x faster than the
+#    glibc rule's 2-4 pieces), 4 for 'small' (319 MiB; 1.10x faster than 2 pieces of 557,
+#    1.06x than 8 of 182) and 4 for 'small' at d_model 256 (202 MiB; 1.06x faster than 2
+#    of 383). By the estimate below, a threshold in [330, 403) MiB picks all six
+#    (benchmarks/step_ab.py; docs/performance.md, eleventh pass).
+CPU_REUSED_BLOCK_BYTES = {"system": 32 << 20, "mimalloc": 384 << 20}
 # Smaller pieces cost more in matmul efficiency than the faults they save. nanoGPT 'baby'
 # widened to 8 and to 16 layers (d_model 128) ran fastest in 192-token pieces, 1.08x faster
 # than in 256-token ones at 8 layers; 128-token pieces lost again (benchmarks/step_ab.py).
@@ -238,12 +247,13 @@ def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
   return 4 * (tokens * per_token + accumulator)
 
 
-def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
+def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh, malloc: str | None = None) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
   set, else auto, among the divisors of the per-device rows that leave pieces of at least
   CPU_MIN_PIECE_TOKENS tokens:
-    * the fewest whose step temporaries fit CPU_FRESH_BLOCK_BYTES ('baby': 2, at 8 layers
-      4; the default sweep's models: 1);
+    * the fewest whose step temporaries fit CPU_REUSED_BLOCK_BYTES of this process's
+      allocator (`malloc`, default allocator.current(); glibc: 'baby' 2, at 8 layers 4;
+      mimalloc: 'baby' 1 at 4-16 layers, 'small' 4; both: the default sweep's models 1);
     * otherwise the fewest whose page faults cost at most CPU_FAULT_BUDGET of the step's
       matmul time ('small': 4);
     * otherwise the most ('baby' at 16 layers: 4).
@@ -263,8 +273,9 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh) -> int:
   pieces = [k for k in range(1, rows + 1)
             if rows % k == 0 and (k == 1 or rows // k * T >= min_tokens)]
   temp = {k: step_temp_bytes(cfg, rows // k * T, k) for k in pieces}
+  reused = CPU_REUSED_BLOCK_BYTES[malloc or allocator.current()]
   for k in pieces:
-    if temp[k] <= CPU_FRESH_BLOCK_BYTES:
+    if temp[k] <= reused:
       return k
   matmul_s = (flops_lib.flops_per_token(cfg.model, T, "matmul") * rows * cfg.optim.grad_accum
               * T / CPU_MATMUL_FLOPS_PER_S)
@@ -710,6 +721,7 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
       "final_eval_loss": last_eval, "wall_s": time.time() - t_start,
       "compile_s": clock.seconds, "first_step_s": first_step_s,
       "skipped_steps": len(skips), "rollbacks": rollbacks,
+      "malloc": allocator.current(),  # it moves CPU step times ~10% (lmjax/allocator.py)
   }
 
 

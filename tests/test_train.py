@@ -1,5 +1,6 @@
 """The training loop end to end: the smoke config learns, resume is exact, bad input is one line."""
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -162,8 +163,11 @@ def _nanogpt(small, layers, heads, d, seq, batch):
 
 def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
   from lmjax import flops as flops_lib
-  from lmjax.train import (CPU_FAULT_BUDGET, CPU_FAULT_SECONDS_PER_BYTE, CPU_FRESH_BLOCK_BYTES,
-                           CPU_MATMUL_FLOPS_PER_S, cpu_splits, step_temp_bytes)
+  from lmjax.train import (CPU_FAULT_BUDGET, CPU_FAULT_SECONDS_PER_BYTE,
+                           CPU_MATMUL_FLOPS_PER_S, CPU_REUSED_BLOCK_BYTES, step_temp_bytes)
+  from lmjax.train import cpu_splits as cpu_splits_of
+  cpu_splits = functools.partial(cpu_splits_of, malloc="system")  # glibc's malloc
+  CPU_FRESH_BLOCK_BYTES = CPU_REUSED_BLOCK_BYTES["system"]
   small = _tiny()                                     # 8 x 32 tokens x d_model 32
   assert cpu_splits(small, _mesh()) == 1
   # nanoGPT 'baby': 12 x 64 tokens, ~50 MiB of temporaries -> 2 pieces of ~25 MiB, under
@@ -204,6 +208,16 @@ def test_cpu_splits_rule_keeps_small_models_whole_and_cuts_big_batches():
   assert cpu_splits(scan(baby), _mesh()) == cpu_splits(scan(_nanogpt(small, 24, 4, 128, 64, 12)),
                                                        _mesh()) == 1
   assert cpu_splits(scan(cfg), _mesh()) == 4 and cpu_splits(scan(cfg), _mesh(2)) == 2
+  # Under mimalloc (lmjax's CLIs) blocks up to 384 MiB come back without fresh pages: 'baby'
+  # stays whole at 4, 8 and 16 layers, 'small' still gets 4 pieces (~330 MiB; 2 would hold
+  # ~620), at d_model 256 4 too (~210 MiB; 2 would hold ~400), and a manual setting wins.
+  mi = functools.partial(cpu_splits_of, malloc="mimalloc")
+  assert mi(baby, _mesh()) == mi(deep, _mesh()) == mi(small, _mesh()) == 1
+  assert mi(_nanogpt(small, 16, 4, 128, 64, 12), _mesh()) == 1
+  assert mi(_nanogpt(small, 6, 4, 256, 256, 16), _mesh()) == 4
+  assert (step_temp_bytes(cfg, 2048, 2) > CPU_REUSED_BLOCK_BYTES["mimalloc"]
+          >= step_temp_bytes(cfg, 1024, 4))
+  assert mi(cfg, _mesh()) == 4 and mi(fixed, _mesh()) == 8
 
 
 def test_step_temp_estimate_tracks_xla_memory_analysis():

@@ -1,0 +1,101 @@
+"""The process's malloc: mimalloc for lmjax's command lines on Linux, glibc's on request.
+
+Why: every execution of an XLA:CPU program takes its temporaries as one fresh block (1.1 GiB
+for nanoGPT 'small' unsplit, ~320 MiB in its 4 pieces). glibc serves blocks that large by
+`mmap` and returns them by `munmap`, so every step page-faults all of it in again (~84,000
+minor faults and ~0.3 s of system CPU a 'small' step). mimalloc, told never to hand memory
+back (`MIMALLOC_PURGE_DELAY=-1`), reuses the block: no faults, ~0.02 s of system CPU.
+docs/performance.md has the measurements.
+
+The allocator must be chosen before the process starts (LD_PRELOAD), so `run_main` re-executes
+the command line once, with the same interpreter and arguments, when all of these hold:
+  * Linux, and `LMJAX_MALLOC` is unset or "mimalloc" ("system" keeps glibc's malloc);
+  * LD_PRELOAD is empty (someone who preloads tcmalloc or jemalloc keeps it);
+  * the mimalloc library is installed (`cmeel-mimalloc`, a dependency on Linux x86_64);
+  * the process was started as `python -m <the module now running>` or `python <script>`,
+    so re-executing `sys.orig_argv` repeats exactly this command (not a test harness that
+    runs a CLI module inside itself).
+The new process inherits the environment plus LD_PRELOAD, and finds LD_PRELOAD set, so it
+runs on without re-executing again.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import sys
+from typing import Mapping, Sequence
+
+from lmjax.errors import ConfigError
+
+ENV = "LMJAX_MALLOC"
+CHOICES = ("mimalloc", "system")
+# Keep freed memory mapped: XLA:CPU frees its temp block after each step and asks for the
+# same size again at the next; returning it to the kernel is what costs the faults.
+MIMALLOC_DEFAULTS = {"MIMALLOC_PURGE_DELAY": "-1"}
+
+
+def mimalloc_library() -> str | None:
+  """Path of the installed libmimalloc.so (cmeel-mimalloc's wheel), or None."""
+  for site in sys.path:
+    hits = sorted(glob.glob(os.path.join(site or ".", "cmeel.prefix", "lib", "libmimalloc.so")))
+    if hits:
+      return hits[0]
+  return None
+
+
+def choice(environ: Mapping[str, str]) -> str:
+  value = environ.get(ENV, "mimalloc").strip().lower() or "mimalloc"
+  if value not in CHOICES:
+    raise ConfigError(f"{ENV}={environ.get(ENV)!r} is not a known allocator; set it to "
+                      f"{' or '.join(CHOICES)} (or unset it for mimalloc).")
+  return value
+
+
+def reexec_env(environ: Mapping[str, str], library: str | None,
+               platform: str = sys.platform) -> dict[str, str] | None:
+  """The environment to re-execute with, or None to run on in this process as it is."""
+  if (not platform.startswith("linux") or choice(environ) != "mimalloc"
+      or environ.get("LD_PRELOAD", "").strip() or library is None):
+    return None
+  env = {**MIMALLOC_DEFAULTS, **environ}  # the user's MIMALLOC_* settings win
+  env["LD_PRELOAD"] = library
+  return env
+
+
+def own_command_line(orig_argv: Sequence[str], main_module) -> list[str] | None:
+  """`orig_argv` when re-running it would start `main_module` again, else None."""
+  argv = list(orig_argv)
+  spec = getattr(main_module, "__spec__", None)
+  if spec is not None and "-m" in argv[1:]:
+    i = argv.index("-m", 1)
+    return argv if i + 1 < len(argv) and argv[i + 1] == spec.name else None
+  main_file = getattr(main_module, "__file__", None)
+  scripts = [a for a in argv[1:] if not a.startswith("-")]
+  if spec is None and main_file and scripts and (
+      os.path.realpath(scripts[0]) == os.path.realpath(main_file)):
+    return argv
+  return None
+
+
+def maybe_reexec() -> None:
+  """Re-executes this command line under mimalloc when the rules above say so."""
+  env = reexec_env(os.environ, mimalloc_library())
+  if env is None:
+    return
+  argv = own_command_line(getattr(sys, "orig_argv", []), sys.modules.get("__main__"))
+  if argv is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, argv, env)
+
+
+@functools.lru_cache(maxsize=1)  # fixed when the process starts
+def current() -> str:
+  """The allocator this process runs on, for run records: 'mimalloc' or 'system'."""
+  try:
+    with open("/proc/self/maps") as f:
+      return "mimalloc" if "libmimalloc" in f.read() else "system"
+  except OSError:  # not Linux
+    return "system"
