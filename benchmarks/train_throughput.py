@@ -308,16 +308,19 @@ def _set_env(env: dict[str, str | None]) -> None:
 
 def worker_env(kind: str, malloc: str) -> dict[str, str | None]:
   """Environment changes for a worker: which malloc it runs on (see --malloc)."""
-  mimalloc = allocator.reexec_env({**os.environ, "LD_PRELOAD": "", allocator.ENV: "mimalloc"},
-                                  allocator.mimalloc_library())
-  if malloc == "mimalloc" or (malloc == "lmjax" and kind == "lmjax"):
-    if mimalloc is None:
-      raise SystemExit("--malloc needs the mimalloc library (pip install cmeel-mimalloc, "
-                       "Linux x86_64); or pass --malloc=system")
-    if malloc == "lmjax" and allocator.choice(os.environ) == "system":
-      return {}  # LMJAX_MALLOC=system: lmjax's CLIs would keep glibc's malloc too
-    return {k: v for k, v in mimalloc.items() if k == "LD_PRELOAD" or k.startswith("MIMALLOC")}
-  return {"LD_PRELOAD": None}
+  lib = allocator.mimalloc_library()
+  pick = lambda env: {k: v for k, v in env.items() if k == "LD_PRELOAD" or k.startswith("MIMALLOC")}
+  if malloc == "system":
+    return {"LD_PRELOAD": None}
+  if malloc == "lmjax":  # as each ships: lmjax as its CLIs would run, torch untouched
+    env = (allocator.reexec_env(os.environ, lib, accelerator=allocator.accelerator_present())
+           if kind == "lmjax" else None)
+    return {} if env is None else pick(env)
+  env = allocator.reexec_env({**os.environ, "LD_PRELOAD": "", allocator.ENV: "mimalloc"}, lib)
+  if env is None:
+    raise SystemExit("--malloc=mimalloc needs the mimalloc library (cmeel-mimalloc, a "
+                     "dependency on Linux x86_64); or pass --malloc=lmjax or system")
+  return pick(env)
 
 
 class IsolatedRunner:

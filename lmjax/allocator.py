@@ -4,12 +4,17 @@ Why: every execution of an XLA:CPU program takes its temporaries as one fresh bl
 for nanoGPT 'small' unsplit, ~320 MiB in its 4 pieces). glibc serves blocks that large by
 `mmap` and returns them by `munmap`, so every step page-faults all of it in again (~84,000
 minor faults and ~0.3 s of system CPU a 'small' step). mimalloc, told never to hand memory
-back (`MIMALLOC_PURGE_DELAY=-1`), reuses the block: no faults, ~0.02 s of system CPU.
-docs/performance.md has the measurements.
+back (`MIMALLOC_PURGE_DELAY=-1`), reuses blocks of up to several hundred MiB: no faults,
+~0.02 s of system CPU, a step ~9% faster. (It takes a 1.1 GiB block from the OS afresh each
+step; the CPU splits keep blocks smaller, with a threshold per allocator: lmjax/train.py.)
+docs/performance.md, eleventh pass, has the measurements.
 
 The allocator must be chosen before the process starts (LD_PRELOAD), so `run_main` re-executes
 the command line once, with the same interpreter and arguments, when all of these hold:
   * Linux, and `LMJAX_MALLOC` is unset or "mimalloc" ("system" keeps glibc's malloc);
+  * JAX will run on the CPU: no accelerator device file (/dev/nvidia*, /dev/accel*,
+    /dev/vfio/*), or JAX_PLATFORMS=cpu. It was measured on XLA:CPU only, where the temp block
+    lives in host memory; on GPU/TPU hosts the runtime's own allocators are left alone;
   * LD_PRELOAD is empty (someone who preloads tcmalloc or jemalloc keeps it);
   * the mimalloc library is installed (`cmeel-mimalloc`, a dependency on Linux x86_64);
   * the process was started as `python -m <the module now running>` or `python <script>`,
@@ -52,10 +57,17 @@ def choice(environ: Mapping[str, str]) -> str:
   return value
 
 
+def accelerator_present() -> bool:
+  """Whether this host has a GPU or TPU device file (cheap: JAX is not initialised)."""
+  return any(glob.glob(p) for p in ("/dev/nvidia[0-9]*", "/dev/accel*", "/dev/vfio/[0-9]*"))
+
+
 def reexec_env(environ: Mapping[str, str], library: str | None,
-               platform: str = sys.platform) -> dict[str, str] | None:
+               platform: str = sys.platform,
+               accelerator: bool = False) -> dict[str, str] | None:
   """The environment to re-execute with, or None to run on in this process as it is."""
-  if (not platform.startswith("linux") or choice(environ) != "mimalloc"
+  cpu_only = not accelerator or environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+  if (not platform.startswith("linux") or choice(environ) != "mimalloc" or not cpu_only
       or environ.get("LD_PRELOAD", "").strip() or library is None):
     return None
   env = {**MIMALLOC_DEFAULTS, **environ}  # the user's MIMALLOC_* settings win
@@ -80,7 +92,7 @@ def own_command_line(orig_argv: Sequence[str], main_module) -> list[str] | None:
 
 def maybe_reexec() -> None:
   """Re-executes this command line under mimalloc when the rules above say so."""
-  env = reexec_env(os.environ, mimalloc_library())
+  env = reexec_env(os.environ, mimalloc_library(), accelerator=accelerator_present())
   if env is None:
     return
   argv = own_command_line(getattr(sys, "orig_argv", []), sys.modules.get("__main__"))

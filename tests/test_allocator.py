@@ -31,6 +31,10 @@ def test_reexec_env_rules():
   assert allocator.reexec_env({"LD_PRELOAD": "/x/libtcmalloc.so"}, LIB, platform="linux") is None
   assert allocator.reexec_env({}, None, platform="linux") is None
   assert allocator.reexec_env({}, LIB, platform="darwin") is None
+  # GPU/TPU hosts keep their runtime's allocators, unless JAX is told to use the CPU.
+  assert allocator.reexec_env({}, LIB, platform="linux", accelerator=True) is None
+  assert allocator.reexec_env({"JAX_PLATFORMS": "cpu"}, LIB, platform="linux",
+                              accelerator=True)["LD_PRELOAD"] == LIB
 
 
 def test_unknown_allocator_is_one_line_config_error():
@@ -88,6 +92,8 @@ def _probe(tmp_path, **env_extra):
 
 
 @pytest.mark.skipif(not HAS_WHEEL, reason="cmeel-mimalloc has wheels for Linux x86_64 only")
+@pytest.mark.skipif(allocator.accelerator_present() and os.environ.get("JAX_PLATFORMS") != "cpu",
+                    reason="a GPU/TPU host keeps glibc's malloc unless JAX_PLATFORMS=cpu")
 def test_cli_reexecutes_on_mimalloc_and_opts_out(tmp_path):
   import json
   proc, out, err = _probe(tmp_path)
