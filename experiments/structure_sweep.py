@@ -20,6 +20,10 @@ flags reuses finished runs.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax loads: maybe re-execute on mimalloc
+  from lmjax.allocator import maybe_reexec
+  maybe_reexec()
+
 import dataclasses
 import json
 import os
@@ -252,10 +256,7 @@ def _define_flags() -> None:
 
 def cli():
   from absl import logging
-  from lmjax import allocator
   from lmjax.errors import run_cli
-
-  run_cli(allocator.maybe_reexec)  # mimalloc on Linux, as lmjax's own CLIs
 
   def quiet_main(argv):
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO

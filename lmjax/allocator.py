@@ -9,8 +9,10 @@ back (`MIMALLOC_PURGE_DELAY=-1`), reuses blocks of up to several hundred MiB: no
 step; the CPU splits keep blocks smaller, with a threshold per allocator: lmjax/train.py.)
 docs/performance.md, eleventh pass, has the measurements.
 
-The allocator must be chosen before the process starts (LD_PRELOAD), so `run_main` re-executes
-the command line once, with the same interpreter and arguments, when all of these hold:
+The allocator must be chosen before the process starts (LD_PRELOAD), so lmjax's command lines
+re-execute themselves once, with the same interpreter and arguments, as the first statement
+of their module (before jax is imported: doing it later cost ~2 s of imports twice) and
+again, as a no-op by then, in `run_main`. They do so when all of these hold:
   * Linux, and `LMJAX_MALLOC` is unset or "mimalloc" ("system" keeps glibc's malloc);
   * JAX will run on the CPU: no accelerator device file (/dev/nvidia*, /dev/accel*,
     /dev/vfio/*), or JAX_PLATFORMS=cpu. It was measured on XLA:CPU only, where the temp block
@@ -31,7 +33,7 @@ import os
 import sys
 from typing import Mapping, Sequence
 
-from lmjax.errors import ConfigError
+from lmjax.errors import ConfigError, run_cli
 
 ENV = "LMJAX_MALLOC"
 CHOICES = ("mimalloc", "system")
@@ -91,7 +93,12 @@ def own_command_line(orig_argv: Sequence[str], main_module) -> list[str] | None:
 
 
 def maybe_reexec() -> None:
-  """Re-executes this command line under mimalloc when the rules above say so."""
+  """Re-executes this command line under mimalloc when the rules above say so; a bad
+  LMJAX_MALLOC is one line on stderr and exit status 2."""
+  run_cli(_maybe_reexec)
+
+
+def _maybe_reexec() -> None:
   env = reexec_env(os.environ, mimalloc_library(), accelerator=accelerator_present())
   if env is None:
     return

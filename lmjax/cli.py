@@ -19,7 +19,7 @@ def run_main(main: Callable, *, config_required: bool = False, workdir: bool = F
   on stderr and exit status 2, like every other UserError. Before anything else, the process
   may re-execute itself once on mimalloc (lmjax/allocator.py says when and why).
   """
-  run_cli(allocator.maybe_reexec)
+  allocator.maybe_reexec()  # a no-op where the module's own first statement did it
   from absl import app, flags
   from ml_collections import config_flags
 

@@ -10,6 +10,10 @@ status 75 (requeue). `--worker` processes (sweep.workers > 0) drain the same man
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax loads: maybe re-execute on mimalloc
+  from lmjax.allocator import maybe_reexec
+  maybe_reexec()
+
 import collections
 import functools
 import json

@@ -10,6 +10,10 @@ eval and checkpoint steps, so the device never waits on Python between them.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before jax loads: maybe re-execute on mimalloc
+  from lmjax.allocator import maybe_reexec
+  maybe_reexec()
+
 import collections
 import concurrent.futures
 import dataclasses

@@ -111,3 +111,21 @@ def test_cli_reexecutes_on_mimalloc_and_opts_out(tmp_path):
   assert err.strip().splitlines() == [
       "lmjax: error: LMJAX_MALLOC='tcmalloc' is not a known allocator; set it to mimalloc or "
       "system (or unset it for mimalloc)."]
+
+
+def test_lmjax_clis_choose_the_allocator_before_importing_jax():
+  # Their first statement decides (a bad value fails there, in one line, before jax loads;
+  # re-executing after the imports cost ~2 s of imports twice per command).
+  env = {**os.environ, "LMJAX_MALLOC": "tcmalloc", "PYTHONPATH": str(ROOT)}
+  env.pop("LD_PRELOAD", None)
+  for module in ("lmjax.train", "lmjax.sweep"):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--helpshort"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = [l for l in proc.stderr.splitlines() if not l.startswith("import time:")]
+    imported = [l.rsplit("|", 1)[-1].strip() for l in proc.stderr.splitlines()
+                if l.startswith("import time:")]
+    assert proc.returncode == 2 and lines == [
+        "lmjax: error: LMJAX_MALLOC='tcmalloc' is not a known allocator; set it to mimalloc or "
+        "system (or unset it for mimalloc)."], (module, proc.stderr[-2000:])
+    assert "lmjax.allocator" in imported and not [m for m in imported
+                                                  if m == "jax" or m.startswith("jax.")], module
