@@ -85,9 +85,10 @@ def own_command_line(orig_argv: Sequence[str], main_module) -> list[str] | None:
     i = argv.index("-m", 1)
     return argv if i + 1 < len(argv) and argv[i + 1] == spec.name else None
   main_file = getattr(main_module, "__file__", None)
-  scripts = [a for a in argv[1:] if not a.startswith("-")]
-  if spec is None and main_file and scripts and (
-      os.path.realpath(scripts[0]) == os.path.realpath(main_file)):
+  # Not "the first argument without a dash": interpreter options such as `-W ignore` and
+  # `-X importtime` take a value of their own.
+  if spec is None and main_file and any(
+      os.path.realpath(a) == os.path.realpath(main_file) for a in argv[1:]):
     return argv
   return None
 

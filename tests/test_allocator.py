@@ -54,6 +54,8 @@ def test_own_command_line_only_repeats_this_command():
   script = types.SimpleNamespace(__spec__=None, __file__=str(ROOT / "experiments/x.py"))
   argv = ["python", "-u", str(ROOT / "experiments/x.py"), "--out=o"]
   assert allocator.own_command_line(argv, script) == argv
+  argv = ["python", "-W", "ignore", "-X", "importtime", str(ROOT / "experiments/x.py")]
+  assert allocator.own_command_line(argv, script) == argv
   assert allocator.own_command_line(["python", "other.py"], script) is None
   assert allocator.own_command_line(["python"], script) is None
 
