@@ -291,8 +291,12 @@ def _serve(conn, kind: str, args: tuple) -> None:
     if method == "stop":
       return
     try:
-      value = (runner.last_loss if method == "last_loss" else allocator.current()
-               if method == "malloc" else getattr(runner, method)(*call_args))
+      if method == "last_loss":
+        value = runner.last_loss
+      elif method == "malloc":  # this worker's, which --malloc chose when it started
+        value = allocator.current()
+      else:
+        value = getattr(runner, method)(*call_args)
       conn.send((True, value))
     except Exception as e:
       conn.send((False, f"{type(e).__name__}: {e}"))
