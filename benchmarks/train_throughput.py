@@ -38,6 +38,7 @@ from lmjax import sharding
 from lmjax.config import Config, TrainConfig
 from lmjax.model import ModelConfig
 from lmjax.optim import OptimConfig
+from lmjax import train as train_lib
 from lmjax.train import Trainer
 
 # libgomp's default active wait makes torch's 2-thread step ~15x slower when other processes
@@ -111,9 +112,21 @@ def model_config(shape: dict, dtype: str, overrides: dict[str, Any]) -> ModelCon
   return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if "." not in k})
 
 
+def _xla_value(value: str) -> Any:
+  """An XLA option's value as text -> bool, int or str (XLA checks the type)."""
+  if value.lower() in ("true", "false"):
+    return value.lower() == "true"
+  try:
+    return int(value)
+  except ValueError:
+    return value
+
+
 def parse_overrides(text: str) -> dict[str, Any]:
-  """'attention=dot_product_attention,train.cpu_splits=1' -> ModelConfig field values, and
-  TrainConfig ones under 'train.'."""
+  """'attention=dot_product_attention,train.cpu_splits=1' -> ModelConfig field values,
+  TrainConfig ones under 'train.', and XLA:CPU options for the train step under 'xla.'
+  ('xla.xla_cpu_experimental_ynn_fusion_type=': added to train.CPU_STEP_COMPILER_OPTIONS
+  while this variant's programs are built)."""
   out: dict[str, Any] = {}
   if text in ("", "default"):
     return out
@@ -122,8 +135,12 @@ def parse_overrides(text: str) -> dict[str, Any]:
   for item in text.split(","):
     key, _, value = item.partition("=")
     key = key.strip()
+    if key.startswith("xla.") and len(key) > 4:
+      out[key] = _xla_value(value.strip())
+      continue
     if key not in types:
-      raise SystemExit(f"unknown ModelConfig (or train.) field {key!r} in variant {text!r}")
+      raise SystemExit(f"unknown ModelConfig (or train./xla.) field {key!r} in variant "
+                       f"{text!r}")
     kind = {"int": int, "float": float, "str": str, "bool": bool}.get(str(types[key]), str)
     out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
   return out
@@ -140,7 +157,14 @@ class LmjaxRunner:
                                         **{k[len("train."):]: v for k, v in overrides.items()
                                            if k.startswith("train.")}))
     mesh = sharding.make_mesh(self.cfg.mesh, jax.devices()[:1])
-    self.trainer = Trainer(self.cfg, mesh)
+    xla = {k[len("xla."):]: v for k, v in overrides.items() if k.startswith("xla.")}
+    saved = dict(train_lib.CPU_STEP_COMPILER_OPTIONS)
+    train_lib.CPU_STEP_COMPILER_OPTIONS.update(xla)   # read when the programs are built
+    try:
+      self.trainer = Trainer(self.cfg, mesh)
+    finally:
+      train_lib.CPU_STEP_COMPILER_OPTIONS.clear()
+      train_lib.CPU_STEP_COMPILER_OPTIONS.update(saved)
     self.state = self.trainer.init_state()
     self.batches = [sharding.global_batch_from_local(b, mesh) for b in batches]
     self.i = 0

@@ -195,14 +195,100 @@ def _lowp_dot_general_fwd(x, y, dn, dtype):
   return out, (x_lo, y_lo, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
 
 
+def _operand_first_dims(dn: tuple, x_ndim: int, y_ndim: int, wrt_x: bool) -> tuple:
+  """_dot_transpose_dims for the product with the operands swapped: d(y) as the dot of x
+  with g (d(x) as y with g), whose result comes out in the other operand's axis order where
+  the first product's would need a transpose (a weight gradient x^T g against (g^T x)^T)."""
+  (xc, yc), (xb, yb) = dn
+  if wrt_x:
+    (xc, yc), (xb, yb) = (yc, xc), (yb, xb)
+    x_ndim, y_ndim = y_ndim, x_ndim
+  x_kept = [d for d in range(x_ndim) if d not in xc and d not in xb]
+  y_kept = [d for d in range(y_ndim) if d not in yc and d not in yb]
+  nb = len(xb)
+  # g's axes are [batch, x kept, y kept] of the forward product (x, y as named there).
+  g_x = (tuple(range(nb, nb + len(x_kept))) if not wrt_x else
+         tuple(range(nb + len(y_kept), nb + len(y_kept) + len(x_kept))))
+  dims = ((tuple(x_kept), g_x), (tuple(xb), tuple(range(nb))))
+  labels = list(yb) + [yc[list(xc).index(d)] for d in sorted(xc)] + y_kept
+  return dims, tuple(labels.index(d) for d in range(len(labels)))
+
+
 def _lowp_dot_general_bwd(dn, dtype, res, g):
   x_lo, y_lo, x_tag, y_tag = res
   g_lo = g.astype(dtype)
-  dims, perm = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=True)
-  dx = jax.lax.dot_general(g_lo, y_lo, dims, preferred_element_type=jnp.float32)
-  dims, perm_y = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=False)
-  dy = jax.lax.dot_general(g_lo, x_lo, dims, preferred_element_type=jnp.float32)
-  return (dx.transpose(perm).astype(x_tag.dtype), dy.transpose(perm_y).astype(y_tag.dtype))
+  grads = []
+  for wrt_x, other in ((True, y_lo), (False, x_lo)):
+    # Of the two equal products, the one whose result needs no transpose: XLA folds a
+    # result transpose by swapping the operands, which would undo _row_major_dot's layout.
+    dims, perm = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
+    swapped, swapped_perm = _operand_first_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
+    if perm != tuple(range(len(perm))) and swapped_perm == tuple(range(len(perm))):
+      grads.append(_row_major_dot(other, g_lo, swapped))
+    else:
+      grads.append(_row_major_dot(g_lo, other, dims).transpose(perm))
+  return grads[0].astype(x_tag.dtype), grads[1].astype(y_tag.dtype)
+
+
+def _row_major_dot(lhs: jax.Array, rhs: jax.Array, dims: tuple) -> jax.Array:
+  """lax.dot_general(lhs, rhs, dims) -> f32, with lhs laid out [batch, free, contracting]
+  in memory on CPU.
+
+  XLA:CPU's YNNPACK dots take a left operand only in that order. Any other (a weight
+  gradient x^T g contracts x's leading token axis) falls back to an Eigen dot, for which
+  XLA converts both bf16 operands to f32. On an AMX CPU the (1024 x 384)^T (1024 x 1536)
+  bf16 weight gradient ran at 263 GFLOP/s that way and at 1,200 GFLOP/s from a transposed
+  copy (docs/performance.md, twelfth pass). Free axes keep their order, so the result is
+  the same dot_general's.
+  """
+  (lc, rc), (lb, rb) = dims
+  free = [d for d in range(lhs.ndim) if d not in lc and d not in lb]
+  order = tuple(lb) + tuple(free) + tuple(lc)
+  if order != tuple(range(lhs.ndim)) and copy_transposes():
+    lhs = _transposed_copy(lhs, order)
+    nb, nf = len(lb), len(free)
+    dims = ((tuple(range(nb + nf, lhs.ndim)), rc), (tuple(range(nb)), rb))
+  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16_dots() -> bool:
+  """Whether this CPU has bf16 dot-product instructions (x86 avx512_bf16 or AMX; aarch64
+  bf16), read from /proc/cpuinfo (False where there is none)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+  except OSError:
+    return False
+  return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def copy_transposes() -> bool:
+  """Whether _row_major_dot makes transposed copies: on CPUs with bf16 dot instructions.
+  Elsewhere YNNPACK's bf16 dots are slower than Eigen's f32 ones (AVX2: a bf16 matmul
+  peak of 93-97 GFLOP/s against 126-175 in f32), so the f32 fallback is the faster path."""
+  return jax.default_backend() == "cpu" and cpu_has_bf16_dots()
+
+
+def _transposed_copy(a: jax.Array, perm: tuple) -> jax.Array:
+  """jnp.transpose(a, perm), materialised in row-major order.
+
+  XLA turns a plain transpose into a layout change (a column-major operand, which
+  YNNPACK refuses) wherever it can. Splitting the axis that moves last into (s / c, c)
+  before the transpose and merging it after leaves no such layout, so XLA writes the
+  transposed copy. The (1024 x 384)^T (1024 x 1536) bf16 dot with its copy ran at 1,203
+  GFLOP/s with c = 16, 1,139 with 8 and 769 with 2 (a short inner run copies slowly).
+  """
+  i = perm[-1]
+  size = a.shape[i]
+  c = next((c for c in (16, 8, 4, 2) if size % c == 0 and size > c), 0)
+  if not c:
+    return jnp.transpose(a, perm)
+  split = a.reshape(a.shape[:i] + (size // c, c) + a.shape[i + 1:])
+  split_perm = []
+  for d in perm:
+    split_perm += [i, i + 1] if d == i else [d if d < i else d + 1]
+  return jnp.transpose(split, split_perm).reshape(tuple(a.shape[d] for d in perm))
 
 
 _lowp_dot_general.defvjp(_lowp_dot_general_fwd, _lowp_dot_general_bwd)

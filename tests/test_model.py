@@ -1,5 +1,6 @@
 """The transformer against an independent numpy reference, plus its invariants."""
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -170,10 +171,13 @@ DOT_CASES = [  # (x shape, y shape, dimension numbers): every pattern the model 
 ]
 
 
+@pytest.mark.parametrize("copies", [False, True], ids=["plain", "transposed_copies"])
 @pytest.mark.parametrize("xs,ys,dn", DOT_CASES)
-def test_low_precision_dot_backward_transposes_like_autodiff(xs, ys, dn):
-  # The hand-written backward of model.dot_general, run in f32, must equal autodiff's.
+def test_low_precision_dot_backward_transposes_like_autodiff(xs, ys, dn, copies, monkeypatch):
+  # The hand-written backward of model.dot_general, run in f32, must equal autodiff's, with
+  # and without the row-major copies it makes on CPUs with bf16 dot instructions.
   from lmjax import model as model_lib
+  monkeypatch.setattr(model_lib, "copy_transposes", lambda: copies)
   kx, ky, kg = jax.random.split(jax.random.key(0), 3)
   x, y = jax.random.normal(kx, xs), jax.random.normal(ky, ys)
   out_shape = jax.eval_shape(lambda a, b: jax.lax.dot_general(a, b, dn), x, y).shape
@@ -206,6 +210,56 @@ def test_bf16_backward_runs_bf16_dots_with_f32_gradients():
     assert b.dtype == jnp.float32
     rel = np.sqrt(np.sum((np.asarray(a) - np.asarray(b)) ** 2) / np.sum(np.asarray(a) ** 2))
     assert rel < 0.05, rel
+
+
+@pytest.mark.parametrize("shape,perm", [((6, 32), (1, 0)), ((2, 3, 32, 5), (0, 1, 3, 2)),
+                                        ((4, 6, 10), (2, 0, 1)), ((3, 5), (1, 0))])
+def test_transposed_copy_is_the_transpose(shape, perm):
+  from lmjax import model as model_lib
+  a = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+  np.testing.assert_array_equal(jax.jit(model_lib._transposed_copy, static_argnums=1)(a, perm),
+                                jnp.transpose(a, perm))
+
+
+def _compiled_2d_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
+  """(lhs, rhs) element types of every dot with a 2-D result (projections, MLP, logits and
+  their weight gradients) in an optimised HLO module's text."""
+  types, out, params = {}, [], {}
+  for line in hlo.splitlines():
+    if not line.startswith(" ") and line.rstrip().endswith("{"):
+      params = dict(re.findall(r"([\w.\-]+): (\w+)\[", line))
+      continue
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
+    if m:
+      types[m.group(1)] = m.group(2)
+    d = re.search(r" = \w+\[\d+,\d+\]\S* dot\(%(\S+), %(\S+)\)", line)
+    if d:
+      out.append(tuple(types.get(o, params.get(o, "?")) for o in d.groups()))
+  return out
+
+
+def test_bf16_weight_gradients_stay_bf16_in_compiled_code(monkeypatch):
+  # XLA:CPU gives YNNPACK only dots whose left operand is laid out [batch, free,
+  # contracting]; it converts the others' bf16 operands to f32 (a weight gradient x^T g
+  # contracts x's leading axis). With the row-major copies every compiled 2-D dot of a bf16
+  # backward pass keeps bf16 operands; without them the weight gradients are f32 x f32.
+  # (XLA itself runs the attention scores in f32 where it fuses them with the softmax.)
+  from lmjax import model as model_lib
+  cfg = _cfg(d_model=64, d_ff=128, max_len=32, dtype="bfloat16")
+  params, tokens = _params(cfg), _tokens(cfg, batch=4)
+
+  def grad_dot_types(copies):
+    monkeypatch.setattr(model_lib, "copy_transposes", lambda: copies)
+    fn = jax.jit(jax.grad(lambda p: jnp.mean(
+        Transformer(cfg).apply({"params": p}, tokens) ** 2)))
+    return _compiled_2d_dot_operand_types(fn.lower(params).compile().as_text())
+
+  with_copies = grad_dot_types(True)
+  # 2 layers x (q, k, v, o, 2 MLP) x (forward, input grad, weight grad) + tied logits x 3.
+  assert len(with_copies) == 39, with_copies
+  assert all(t == ("bf16", "bf16") for t in with_copies), with_copies
+  without = grad_dot_types(False)
+  assert ("f32", "f32") in without, without   # what the copies are for, on this XLA
 
 
 def _loss_and_grads(cfg, params, tokens, seg):
