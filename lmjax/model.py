@@ -381,9 +381,13 @@ def causal_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
   G = H // K
   f32 = jnp.float32
   q = (q_BTHd * (1.0 / math.sqrt(Dh))).reshape(B, T, K, G, Dh)
-  q = q.transpose(0, 2, 3, 1, 4).astype(dtype)                       # (B, K, G, T, Dh)
-  k = k_BTKd.transpose(0, 2, 1, 3).astype(dtype)                     # (B, K, S, Dh)
-  v = v_BTKd.transpose(0, 2, 1, 3).astype(dtype)
+  # In bf16 on a CPU with bf16 dots, row-major copies: a transposed (column-major) operand
+  # sends both products to f32 (see _row_major_dot).
+  heads_major = (_transposed_copy if jnp.dtype(dtype) != jnp.float32 and copy_transposes()
+                 else jnp.transpose)
+  q = heads_major(q.astype(dtype), (0, 2, 3, 1, 4))                  # (B, K, G, T, Dh)
+  k = heads_major(k_BTKd.astype(dtype), (0, 2, 1, 3))                # (B, K, S, Dh)
+  v = heads_major(v_BTKd.astype(dtype), (0, 2, 1, 3))
   block = block or T
   outs = []
   for start in range(0, T, block):

@@ -221,9 +221,8 @@ def test_transposed_copy_is_the_transpose(shape, perm):
                                 jnp.transpose(a, perm))
 
 
-def _compiled_2d_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
-  """(lhs, rhs) element types of every dot with a 2-D result (projections, MLP, logits and
-  their weight gradients) in an optimised HLO module's text."""
+def _compiled_dot_operand_types(hlo: str) -> list[tuple[str, str, int]]:
+  """(lhs type, rhs type, result rank) of every dot in an optimised HLO module's text."""
   types, out, params = {}, [], {}
   for line in hlo.splitlines():
     if not line.startswith(" ") and line.rstrip().endswith("{"):
@@ -232,18 +231,19 @@ def _compiled_2d_dot_operand_types(hlo: str) -> list[tuple[str, str]]:
     m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
     if m:
       types[m.group(1)] = m.group(2)
-    d = re.search(r" = \w+\[\d+,\d+\]\S* dot\(%(\S+), %(\S+)\)", line)
+    d = re.search(r" = \w+\[([\d,]*)\]\S* dot\(%(\S+), %(\S+)\)", line)
     if d:
-      out.append(tuple(types.get(o, params.get(o, "?")) for o in d.groups()))
+      out.append(tuple(types.get(o, params.get(o, "?")) for o in d.groups()[1:])
+                 + (len(d.group(1).split(",")),))
   return out
 
 
-def test_bf16_weight_gradients_stay_bf16_in_compiled_code(monkeypatch):
+def test_bf16_dots_stay_bf16_in_compiled_code(monkeypatch):
   # XLA:CPU gives YNNPACK only dots whose left operand is laid out [batch, free,
-  # contracting]; it converts the others' bf16 operands to f32 (a weight gradient x^T g
-  # contracts x's leading axis). With the row-major copies every compiled 2-D dot of a bf16
-  # backward pass keeps bf16 operands; without them the weight gradients are f32 x f32.
-  # (XLA itself runs the attention scores in f32 where it fuses them with the softmax.)
+  # contracting] in memory; for the others it converts bf16 operands to f32 (a weight
+  # gradient x^T g contracts x's leading axis; attention's heads-major q, k, v are
+  # transposes). With the row-major copies every compiled dot of a bf16 gradient keeps
+  # bf16 operands; without them the weight gradients and attention products are f32.
   from lmjax import model as model_lib
   cfg = _cfg(d_model=64, d_ff=128, max_len=32, dtype="bfloat16")
   params, tokens = _params(cfg), _tokens(cfg, batch=4)
@@ -252,14 +252,16 @@ def test_bf16_weight_gradients_stay_bf16_in_compiled_code(monkeypatch):
     monkeypatch.setattr(model_lib, "copy_transposes", lambda: copies)
     fn = jax.jit(jax.grad(lambda p: jnp.mean(
         Transformer(cfg).apply({"params": p}, tokens) ** 2)))
-    return _compiled_2d_dot_operand_types(fn.lower(params).compile().as_text())
+    return _compiled_dot_operand_types(fn.lower(params).compile().as_text())
 
   with_copies = grad_dot_types(True)
-  # 2 layers x (q, k, v, o, 2 MLP) x (forward, input grad, weight grad) + tied logits x 3.
-  assert len(with_copies) == 39, with_copies
-  assert all(t == ("bf16", "bf16") for t in with_copies), with_copies
+  # Per layer: q, k, v, o and 2 MLP products x (forward, input grad, weight grad), 2
+  # attention products x 3; then the tied logits x 3.
+  assert sorted(r for _, _, r in with_copies) == [2] * 39 + [4] * 12, with_copies
+  assert all(t[:2] == ("bf16", "bf16") for t in with_copies), with_copies
   without = grad_dot_types(False)
-  assert ("f32", "f32") in without, without   # what the copies are for, on this XLA
+  f32_ranks = {r for a, b, r in without if (a, b) == ("f32", "f32")}
+  assert f32_ranks == {2, 4}, without   # what the copies are for, on this XLA
 
 
 def _loss_and_grads(cfg, params, tokens, seg):
