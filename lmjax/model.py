@@ -217,13 +217,14 @@ def _operand_first_dims(dn: tuple, x_ndim: int, y_ndim: int, wrt_x: bool) -> tup
 def _lowp_dot_general_bwd(dn, dtype, res, g):
   x_lo, y_lo, x_tag, y_tag = res
   g_lo = g.astype(dtype)
-  grads = []
+  grads, copies = [], copy_transposes()
   for wrt_x, other in ((True, y_lo), (False, x_lo)):
-    # Of the two equal products, the one whose result needs no transpose: XLA folds a
-    # result transpose by swapping the operands, which would undo _row_major_dot's layout.
+    # With copies, of the two equal products the one whose result needs no transpose: XLA
+    # folds a result transpose by swapping the operands, which would undo the copy's layout.
     dims, perm = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
     swapped, swapped_perm = _operand_first_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
-    if perm != tuple(range(len(perm))) and swapped_perm == tuple(range(len(perm))):
+    identity = tuple(range(len(perm)))
+    if copies and perm != identity and swapped_perm == identity:
       grads.append(_row_major_dot(other, g_lo, swapped))
     else:
       grads.append(_row_major_dot(g_lo, other, dims).transpose(perm))
