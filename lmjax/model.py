@@ -195,23 +195,16 @@ def _lowp_dot_general_fwd(x, y, dn, dtype):
   return out, (x_lo, y_lo, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
 
 
-def _operand_first_dims(dn: tuple, x_ndim: int, y_ndim: int, wrt_x: bool) -> tuple:
-  """_dot_transpose_dims for the product with the operands swapped: d(y) as the dot of x
-  with g (d(x) as y with g), whose result comes out in the other operand's axis order where
-  the first product's would need a transpose (a weight gradient x^T g against (g^T x)^T)."""
-  (xc, yc), (xb, yb) = dn
-  if wrt_x:
-    (xc, yc), (xb, yb) = (yc, xc), (yb, xb)
-    x_ndim, y_ndim = y_ndim, x_ndim
-  x_kept = [d for d in range(x_ndim) if d not in xc and d not in xb]
-  y_kept = [d for d in range(y_ndim) if d not in yc and d not in yb]
-  nb = len(xb)
-  # g's axes are [batch, x kept, y kept] of the forward product (x, y as named there).
-  g_x = (tuple(range(nb, nb + len(x_kept))) if not wrt_x else
-         tuple(range(nb + len(y_kept), nb + len(y_kept) + len(x_kept))))
-  dims = ((tuple(x_kept), g_x), (tuple(xb), tuple(range(nb))))
-  labels = list(yb) + [yc[list(xc).index(d)] for d in sorted(xc)] + y_kept
-  return dims, tuple(labels.index(d) for d in range(len(labels)))
+def _swap_operands(dims: tuple, perm: tuple, lhs_ndim: int, rhs_ndim: int) -> tuple:
+  """(dims, perm) of dot_general(rhs, lhs) for the same product as dot_general(lhs, rhs,
+  dims).transpose(perm): the result's free axes come rhs's first."""
+  (lc, rc), (lb, rb) = dims
+  nb = len(lb)
+  n_lhs, n_rhs = lhs_ndim - len(lc) - nb, rhs_ndim - len(rc) - nb
+  # Axis j of the swapped result is axis old[j] of the original one.
+  old = (list(range(nb)) + list(range(nb + n_lhs, nb + n_lhs + n_rhs)) +
+         list(range(nb, nb + n_lhs)))
+  return ((rc, lc), (rb, lb)), tuple(old.index(p) for p in perm)
 
 
 def _lowp_dot_general_bwd(dn, dtype, res, g):
@@ -222,7 +215,7 @@ def _lowp_dot_general_bwd(dn, dtype, res, g):
     # With copies, of the two equal products the one whose result needs no transpose: XLA
     # folds a result transpose by swapping the operands, which would undo the copy's layout.
     dims, perm = _dot_transpose_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
-    swapped, swapped_perm = _operand_first_dims(dn, x_lo.ndim, y_lo.ndim, wrt_x=wrt_x)
+    swapped, swapped_perm = _swap_operands(dims, perm, g_lo.ndim, other.ndim)
     identity = tuple(range(len(perm)))
     if copies and perm != identity and swapped_perm == identity:
       grads.append(_row_major_dot(other, g_lo, swapped))
