@@ -226,7 +226,7 @@ def _lowp_dot_general_bwd(dn, dtype, res, g):
 
 def _row_major_dot(lhs: jax.Array, rhs: jax.Array, dims: tuple) -> jax.Array:
   """lax.dot_general(lhs, rhs, dims) -> f32, with lhs laid out [batch, free, contracting]
-  in memory on CPU.
+  in memory where copy_transposes() says so.
 
   XLA:CPU's YNNPACK dots take a left operand only in that order. Any other (a weight
   gradient x^T g contracts x's leading token axis) falls back to an Eigen dot, for which
