@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from lmjax import allocator
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
@@ -497,7 +498,7 @@ def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
         "skipped_steps": len(m.skips), "rollbacks": 0,
         "status": "diverged" if m.diverged else "done", "reason": m.diverged,
         "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,
-        "members_per_vmap": group.members_per_vmap,
+        "members_per_vmap": group.members_per_vmap, "malloc": allocator.current(),
     })
   return results
 

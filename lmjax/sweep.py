@@ -58,7 +58,7 @@ def _results(summary: dict, run_dir: str) -> dict:
   return {"achieved_flops": summary.get("flops"), "tokens": summary.get("tokens"),
           "final_eval_loss": summary["final_eval_loss"],
           "best_eval_loss": min(evals) if evals else None, "wall_s": summary.get("wall_s"),
-          "compile_s": summary.get("compile_s"),
+          "compile_s": summary.get("compile_s"), "malloc": summary.get("malloc"),
           "metrics_path": os.path.join(run_dir, "metrics.jsonl")}
 
 
@@ -254,6 +254,7 @@ def fit_sweep(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfi
                  if r["status"] in ("failed", "diverged")],
       "train_wall_s": sum(r["wall_s"] or 0 for r in rows),
       "compile_s": sum(r["compile_s"] or 0 for r in rows),
+      "malloc": sorted({r["malloc"] for r in rows if r.get("malloc")}),
   }
   _add_known_floor(report, sweep)
   fit_lib.write_report(report, out_dir)

@@ -119,6 +119,27 @@ def test_concurrent_claimers_run_each_run_exactly_once(tmp_path):
   assert all(r["status"] == "done" and r["attempts"] == 1 for r in rows)
 
 
+def test_manifest_from_older_code_gains_new_columns(tmp_path):
+  # A manifest written before the malloc column existed: opening it adds the column (NULL
+  # for its runs), twice is harmless, and its runs finish with the new field.
+  path = str(tmp_path / "manifest.sqlite")
+  old_schema = manifest_lib._SCHEMA.replace(",\n  malloc TEXT", "")
+  assert "malloc" not in old_schema
+  db = sqlite3.connect(path)
+  db.executescript(old_schema)
+  db.execute("INSERT INTO runs (id, budget, config, n_params, planned_tokens, planned_flops) "
+             "VALUES ('r1', 1e9, '{}', 10, 100.0, 6000.0)")
+  db.commit()
+  db.close()
+  for _ in range(2):
+    m = manifest_lib.Manifest(path)
+    assert m.rows()[0]["malloc"] is None and m.rows()[0]["id"] == "r1"
+    m.close()
+  m = manifest_lib.Manifest(path)
+  m.finish("r1", status="done", final_eval_loss=2.5, malloc="system")
+  assert (m.rows()[0]["status"], m.rows()[0]["malloc"]) == ("done", "system")
+
+
 def test_dead_owner_is_reclaimed(tmp_path):
   m = manifest_lib.Manifest(str(tmp_path / "m.sqlite"))
   m.add([_FakeRun("a")])
@@ -231,8 +252,10 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
     ahead = "compiled 1 model size(s) ahead of their runs"
     assert (ahead in proc.stderr) == (group_size == 1), proc.stderr[-2000:]
     db = sqlite3.connect(str(workdir / "manifest.sqlite"))
-    rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s FROM runs"))
+    rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s, malloc FROM runs"))
     assert len(rows) == 4 and all(r[1] == "done" and r[3] > 0 for r in rows), rows
+    # The allocator the run trained on (its step times depend on it), lone or grouped.
+    assert all(r[4] in ("mimalloc", "system") for r in rows), rows
     losses[group_size] = {r[0]: r[2] for r in rows}
     for rid in losses[group_size]:
       events = workdir / "runs" / rid / "events.jsonl"  # lone runs write it only on events

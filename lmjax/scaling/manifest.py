@@ -40,10 +40,16 @@ CREATE TABLE IF NOT EXISTS runs (
   wall_s REAL,
   compile_s REAL,
   metrics_path TEXT,
-  updated REAL
+  updated REAL,
+  malloc TEXT
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+# (name, type) of the runs columns added after the first schema: the allocator a run trained
+# on, which moves CPU step times ~10% (lmjax/allocator.py).
+_ADDED_COLUMNS = (("malloc", "TEXT"),)
 
 
 def owner_id() -> str:
@@ -72,9 +78,22 @@ class Manifest:
       self._db = sqlite3.connect(path, timeout=60.0, isolation_level=None)
       self._db.row_factory = sqlite3.Row
       self._db.executescript(_SCHEMA)
+      self._add_missing_columns()
     except sqlite3.DatabaseError as e:
       raise DataError(f"{path} is not a usable sweep manifest ({e}); move it away or point "
                       "--workdir at a new directory.") from None
+
+  def _add_missing_columns(self) -> None:
+    """Columns added since a manifest was created (NULL for its earlier runs), so a sweep
+    started by older code resumes under newer code."""
+    have = {r["name"] for r in self._db.execute("PRAGMA table_info(runs)")}
+    for name, kind in _ADDED_COLUMNS:
+      if name not in have:
+        try:
+          self._db.execute(f"ALTER TABLE runs ADD COLUMN {name} {kind}")
+        except sqlite3.OperationalError as e:
+          if "duplicate column" not in str(e):   # another process added it first
+            raise
 
   @contextlib.contextmanager
   def _transaction(self):
