@@ -81,7 +81,7 @@ class ModelConfig:
   # Sequential batch chunks for causal_blocks/xla attention, each rematerialised in the
   # backward pass so its T x T scores stay in cache (flash attention's trade: recompute
   # instead of memory traffic). 0 = auto: on CPU enough chunks that one chunk's f32 scores
-  # fit in ATTENTION_CHUNK_BYTES (8 MiB), 1 on accelerators.
+  # (a device's rows and heads) fit in ATTENTION_CHUNK_BYTES (8 MiB), 1 on accelerators.
   attention_chunks: int = 0
 
   def __post_init__(self):
@@ -429,7 +429,8 @@ def attention_chunks(cfg: ModelConfig, B: int, T: int) -> int:
     return cfg.attention_chunks
   if jax.default_backend() != "cpu":
     return 1
-  row_bytes = 4 * cfg.n_heads * T * T
+  # Each device holds its own heads' scores: under tensor parallelism n_heads / tp of them.
+  row_bytes = 4 * (cfg.n_heads // _shards("act_heads", cfg.n_heads)) * T * T
   rows = max((c for c in range(1, b_local + 1)
               if b_local % c == 0 and c * row_bytes <= ATTENTION_CHUNK_BYTES), default=1)
   return b_local // rows
@@ -437,10 +438,17 @@ def attention_chunks(cfg: ModelConfig, B: int, T: int) -> int:
 
 def _batch_shards(B: int) -> int:
   """Devices the batch axis is split over under the current mesh (1 outside a mesh)."""
+  return _shards("batch", B)
+
+
+def _shards(logical_axis: str, size: int) -> int:
+  """Devices an activation axis of this size is split over under the current mesh and
+  rules (1 outside a mesh)."""
   mesh = attention_kernels.current_mesh()
   if mesh is None:
     return 1
-  spec = sharding.logical_to_mesh_spec(("batch",), (B,), mesh, attention_kernels.active_rules())
+  spec = sharding.logical_to_mesh_spec((logical_axis,), (size,), mesh,
+                                       attention_kernels.active_rules())
   axes = spec[0]
   axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
   return math.prod(mesh.shape[a] for a in axes)

@@ -305,6 +305,28 @@ def test_auto_attention_chunks_follow_the_cache_budget():
   assert "\n" not in str(e.value)
 
 
+def test_auto_attention_chunks_count_each_devices_heads_and_rows():
+  # Under a mesh each device holds B / (data shards) rows and H / (tensor shards) heads of
+  # scores, and the cache budget applies to those: 'small' with 16 rows takes 4 chunks on
+  # one device; over tensor=2 a row's scores halve (3 heads: 0.75 MiB), 10 rows fit, so
+  # 2 chunks of 8; over data=2 each device has 8 rows, 2 chunks of 4.
+  from jax.sharding import AxisType
+  from lmjax import model as model_lib
+  from lmjax import sharding
+  small = ModelConfig(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256)
+
+  def chunks(data, tensor):
+    mesh = jax.make_mesh((data, 1, tensor), sharding.MESH_AXES,
+                         axis_types=(AxisType.Auto,) * 3, devices=jax.devices()[:data * tensor])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.activation_rules(mesh)):
+      return model_lib.attention_chunks(small, 16, 256)
+
+  assert chunks(1, 1) == 4
+  assert chunks(1, 2) == 2
+  assert chunks(2, 1) == 2
+  assert chunks(2, 2) == 1    # 8 rows of 3 heads: 6 MiB, whole
+
+
 def test_sharded_chunked_attention_equals_unsharded():
   # Under a (data=2, tensor=2) mesh each device holds 2 of the 4 rows; 2 chunks take one row
   # of each device per step, so chunking adds no collectives and changes no number.
