@@ -40,15 +40,15 @@ CREATE TABLE IF NOT EXISTS runs (
   wall_s REAL,
   compile_s REAL,
   metrics_path TEXT,
-  updated REAL,
-  malloc TEXT
+  updated REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
-# (name, type) of the runs columns added after the first schema: the allocator a run trained
-# on, which moves CPU step times ~10% (lmjax/allocator.py).
+# (name, type) of the runs columns added after the first schema, to new and old manifests
+# alike when they are opened: the allocator a run trained on, which moves CPU step times
+# ~10% (lmjax/allocator.py).
 _ADDED_COLUMNS = (("malloc", "TEXT"),)
 
 
