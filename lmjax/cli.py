@@ -12,14 +12,50 @@ def _one_line(e: BaseException) -> str:
   return " ".join(str(e).split()) or type(e).__name__
 
 
+_NONE_VALUES = ("None", "null")
+
+
+def _split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+  """(argv without the --config.a.b=None overrides, their dotted keys).
+
+  ml_collections parses an override by the field's current type, so a field that defaults
+  to an int (checkpoint.every_steps) could not be set to None (its "off") from the command
+  line; these overrides are applied after the config file loads.
+  """
+  rest, keys = [], []
+  for arg in argv:
+    key, _, value = arg.partition("=")
+    if key.startswith("--config.") and value in _NONE_VALUES:
+      keys.append(key[len("--config."):])
+    else:
+      rest.append(arg)
+  return rest, keys
+
+
+def _set_none(config, key: str) -> None:
+  node, *path = config, *key.split(".")
+  for i, name in enumerate(path):
+    if not hasattr(node, "keys") or name not in node.keys():
+      raise ValueError(f"--config.{key}=None: {'.'.join(path[:i + 1])} is not a config "
+                       "field; check the spelling against the config file.")
+    if i == len(path) - 1:
+      with node.ignore_type():
+        node[name] = None
+    else:
+      node = node[name]
+
+
 def run_main(main: Callable, *, config_required: bool = False, workdir: bool = False) -> None:
-  """Defines --config (a config file; --config.a.b=v overrides) and --workdir, then runs main.
+  """Defines --config (a config file; --config.a.b=v overrides, v None or null sets a field
+  to None) and --workdir, then runs main.
 
   Flag errors (an unknown --config.key, a bad value, a missing config file) become one line
   on stderr and exit status 2, like every other UserError. Before anything else, the process
   may re-execute itself once on mimalloc (lmjax/allocator.py says when and why).
   """
   allocator.maybe_reexec()  # a no-op where the module's own first statement did it
+  # ml_collections reads the --config.* overrides from sys.argv itself.
+  sys.argv, none_keys = _split_none_overrides(sys.argv)
   from absl import app, flags
   from ml_collections import config_flags
 
@@ -42,6 +78,10 @@ def run_main(main: Callable, *, config_required: bool = False, workdir: bool = F
         raise flags.Error("--config is required, e.g. --config=experiments/configs/smoke.py")
       if flags.FLAGS.config is not None:
         flags.FLAGS.config.keys()  # config files load lazily: surface their errors here
+      for key in none_keys:
+        if flags.FLAGS.config is None:
+          raise flags.Error(f"--config.{key}=None needs --config=<file> too.")
+        _set_none(flags.FLAGS.config, key)
       return rest
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's input
       print(f"lmjax: error: {_one_line(e)}", file=sys.stderr)

@@ -148,6 +148,20 @@ def test_cli_trains_in_a_relative_workdir(tmp_path):
       json.loads(proc.stdout)["final_eval_loss"], rel=1e-6)
 
 
+def test_cli_sets_a_field_to_none(tmp_path):
+  # ml_collections parses an override by the field's type (int for every_steps), so
+  # "--config.checkpoint.every_steps=None" needs lmjax.cli's own handling.
+  work = tmp_path / "w"
+  proc = _cli(f"--config={SMOKE}", f"--workdir={work}", "--config.train.steps=4",
+              "--config.train.log_every=2", "--config.train.eval_every=4",
+              "--config.checkpoint.every_steps=None", "--config.checkpoint.every_seconds=null",
+              "--config.optim.warmup_steps=1", "--config.train.progress=false")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  saved = json.loads((work / "config.json").read_text())["checkpoint"]
+  assert saved["every_steps"] is None and saved["every_seconds"] is None
+  assert sorted(p.name for p in (work / "checkpoints").iterdir()) == ["4"]   # the final only
+
+
 def _mesh(data: int = 1):
   import jax
   from lmjax import sharding
