@@ -32,16 +32,23 @@ Each workdir gets what `train()` writes: config.json, metrics.jsonl (same record
 TensorBoard events, skip_list.jsonl, events.jsonl and a final checkpoint in the lone
 format, which `train()` (and so the sweep) accepts as a finished run.
 
+Checkpoints and resume. Every member saves its own lone-format checkpoint when a lone
+run would: every checkpoint.every_steps / every_seconds (healthy members only, as a lone
+run saves), on a stop request, and at the end. A later `train_group` over the same
+workdirs resumes the members whose newest checkpoints hold the same unfinished step as one
+group from that step (their data positions, skip lists and metrics pick up where they
+were); it hands `lmjax.train.train` every other member with a checkpoint: a finished run
+(re-evaluated), a lone run to resume, one whose newest step is unusable or differs from
+its mates', or one that has rolled back. A resumed group equals the uninterrupted one
+(tests/test_multirun.py).
+
 Differences from a lone run, all deliberate simplifications for tiny runs:
-  * No intermediate checkpoints and no resume: an interrupted group restarts from step 0
-    (metrics of the lost steps are dropped and recomputed). A member whose workdir already
-    holds a checkpoint (a finished run, or a lone run to resume) is not put in the group:
-    `train_group` hands it to `lmjax.train.train`, which resumes or re-evaluates it.
   * No rollbacks: a member whose bad-step streak reaches guard.max_consecutive_bad is
     stopped (its later steps are skipped, it writes no more metrics and no checkpoint) and
     reported with status "diverged"; the other members go on. With guard.max_rollbacks=0
     this is exactly what a lone run does.
-  * A stop request (`stop`) ends the group after the current step without a checkpoint.
+  * A stop request (`stop`) checkpoints every live member after the current step and
+    raises Preempted.
   * One process only. On a multi-device mesh the group axis is not sharded: every member
     is laid out as its lone run would be (parameters by the logical rules, batch rows over
     data x fsdp), and the members are stacked on each device.
@@ -68,7 +75,7 @@ from lmjax import sharding
 from lmjax.compile_clock import CompileClock
 from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
-from lmjax.errors import ConfigError, require
+from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
@@ -252,9 +259,12 @@ class GroupTrainer:
 
   def init_state(self) -> State:
     """K stacked states; member k's is exactly Trainer.init_state(cfgs[k].train.seed)."""
-    members = [self.member.init_state(c.train.seed) for c in self.cfgs]
+    return self.stack([self.member.init_state(c.train.seed) for c in self.cfgs])
+
+  def stack(self, states: Sequence[State]) -> State:
+    """K lone states (member k's at k) -> one group state."""
     with jax.set_mesh(self.mesh):
-      return self._stack(*members)
+      return self._stack(*states)
 
   def member_state(self, state_K: State, k: int) -> State:
     """Member k's state, laid out as its lone run's (what its checkpoint holds)."""
@@ -288,20 +298,42 @@ class GroupTrainer:
 class _Member:
   """One member's effects: its pipeline, its files, and how it is doing."""
 
-  def __init__(self, cfg: Config, workdir: str, pipeline):
+  def __init__(self, cfg: Config, workdir: str, pipeline, start_step: int):
     self.cfg, self.workdir, self.pipeline = cfg, workdir, pipeline
     os.makedirs(workdir, exist_ok=True)
     config_lib.save(cfg, os.path.join(workdir, "config.json"))
     self.skips = SkipList(os.path.join(workdir, "skip_list.jsonl"))
     self.events = EventLog(os.path.join(workdir, "events.jsonl"))
-    self.writer = MetricsWriter(workdir, truncate_after_step=0)  # a group starts at step 0
+    # Records after the start step are from steps that will run again.
+    self.writer = MetricsWriter(workdir, truncate_after_step=start_step)
+    self.checkpointer = ckpt_lib.Checkpointer(workdir, cfg.checkpoint,
+                                              keys_that_may_change=RESUMABLE_CHANGES)
     self.diverged: str | None = None   # the reason, once it has
     self.last_eval: float | None = None
 
 
-def _has_checkpoint(workdir: str) -> bool:
+def _latest_checkpoint(workdir: str) -> int | None:
+  """The newest committed step under workdir (None: none), read from the directory names
+  alone: a workdir without checkpoints is left untouched."""
   ckpt_dir = os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR)
-  return os.path.isdir(ckpt_dir) and any(name.isdigit() for name in os.listdir(ckpt_dir))
+  if not os.path.isdir(ckpt_dir):
+    return None
+  return max((int(n) for n in os.listdir(ckpt_dir) if n.isdigit()), default=None)
+
+
+def _restore(cfg: Config, workdir: str, trainer: Trainer, step: int) -> tuple | None:
+  """(state, data position) of the run in workdir if its newest usable checkpoint is `step`
+  and it has never rolled back (its lr is then the config's); else None (train it alone)."""
+  try:
+    with ckpt_lib.Checkpointer(workdir, cfg.checkpoint,
+                               keys_that_may_change=RESUMABLE_CHANGES) as checkpointer:
+      state, extras = checkpointer.restore(abstract_state=trainer.abstract_state,
+                                           current_config=config_lib.to_dict(cfg))
+  except CheckpointError:  # train() says what is wrong, in one line
+    return None
+  if int(jax.device_get(state["step"])) != step or extras.get("rollbacks", 0):
+    return None
+  return state, extras["data"]
 
 
 def _train_alone(cfg: Config, workdir: str, mesh, stop) -> dict:
@@ -336,8 +368,8 @@ def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
       resolve_members_per_vmap): None vmaps all, 1 runs them one after another inside one
       compiled step, "auto" picks 1 on CPU and None elsewhere.
     on_step: called with (member index, step, record) after each record is written.
-    stop: when set, the group stops after the current step and raises Preempted; nothing
-      is checkpointed, so the next call starts the group from step 0.
+    stop: when set, the group checkpoints every live member after the current step and
+      raises Preempted; the next call resumes them as a group from that step.
   """
   require(len(cfgs) == len(workdirs),
           f"train_group got {len(cfgs)} configs but {len(workdirs)} workdirs; give one each.")
@@ -353,30 +385,43 @@ def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
     _check_workdir_config(c, w)
   data_lib.check_vocab(cfg.data, cfg.model.vocab_size)
 
-  # A workdir with a checkpoint is a run to resume (or a finished one): train() does that.
+  # Members whose newest checkpoints hold the same unfinished step (0: none) train on as
+  # a group; train() resumes or re-evaluates the rest alone.
+  total = cfg.total_steps()
+  by_step: dict[int, list[int]] = {}
+  for k, w in enumerate(workdirs):
+    by_step.setdefault(_latest_checkpoint(w) or 0, []).append(k)
+  alone = [k for s, ks in by_step.items() if s >= total or (s and len(ks) == 1) for k in ks]
   results: list[dict | None] = [None] * len(cfgs)
-  fresh = [k for k, w in enumerate(workdirs) if not _has_checkpoint(w)]
-  for k in sorted(set(range(len(cfgs))) - set(fresh)):
-    results[k] = _train_alone(cfgs[k], workdirs[k], mesh, stop)
-  if fresh:
-    member_on_step = (lambda i, s, r: on_step(fresh[i], s, r)) if on_step else None
-    group = _train_fresh_group([cfgs[k] for k in fresh], [workdirs[k] for k in fresh], mesh,
-                               members_per_vmap=members_per_vmap, on_step=member_on_step,
-                               stop=stop)
-    for k, res in zip(fresh, group):
+  for start, ks in sorted(by_step.items()):
+    if ks[0] in alone:
+      continue
+    with CompileClock() as clock:  # restoring compiles the checkpoint fingerprints
+      restored = None
+      if start:
+        trainer = Trainer(cfgs[ks[0]], mesh)   # the abstract state every member shares
+        tried = {k: _restore(cfgs[k], workdirs[k], trainer, start) for k in ks}
+        alone += [k for k in ks if tried[k] is None]
+        ks = [k for k in ks if tried[k] is not None]
+        if len(ks) < 2:
+          alone += ks
+          continue
+        restored = [tried.pop(k) for k in ks]
+      member_on_step = (lambda i, s, r, ks=ks: on_step(ks[i], s, r)) if on_step else None
+      group = _run_group([cfgs[k] for k in ks], [workdirs[k] for k in ks], mesh, start,
+                         restored, members_per_vmap=members_per_vmap,
+                         on_step=member_on_step, stop=stop, clock=clock)
+    for k, res in zip(ks, group):
       results[k] = res
+  for k in sorted(alone):
+    results[k] = _train_alone(cfgs[k], workdirs[k], mesh, stop)
   return results
 
 
-def _train_fresh_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step,
-                       stop) -> list[dict]:
-  with CompileClock() as clock:
-    return _run_group(cfgs, workdirs, mesh, members_per_vmap=members_per_vmap,
-                      on_step=on_step, stop=stop, clock=clock)
-
-
-def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
-               clock: CompileClock) -> list[dict]:
+def _run_group(cfgs, workdirs, mesh, start: int, restored: list | None, *, members_per_vmap,
+               on_step, stop, clock: CompileClock) -> list[dict]:
+  """Trains the group from step `start`: from scratch (start 0) or from `restored`, each
+  member's (state, data position) at that step."""
   t_start = time.time()
   cfg, K = cfgs[0], len(cfgs)
   group = GroupTrainer(cfgs, mesh, members_per_vmap=members_per_vmap)
@@ -386,12 +431,19 @@ def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
   # The eval set never depends on data.seed: one copy serves every member.
   eval_local = data_lib.eval_batches(cfg.data, **layout)
   eval_set = [sharding.global_batch_from_local(b, mesh) for b in eval_local]
-  members = [_Member(c, w, p) for c, w, p in zip(cfgs, workdirs, pipelines)]
+  members = [_Member(c, w, p, start) for c, w, p in zip(cfgs, workdirs, pipelines)]
+  event = {"event": "group", "size": K, "members": [c.name for c in cfgs],
+           "workdirs": [os.path.abspath(w) for w in workdirs]}
   for m in members:
-    m.events.write({"event": "group", "size": K, "members": [c.name for c in cfgs],
-                    "workdirs": [os.path.abspath(w) for w in workdirs]})
+    m.events.write(dict(event, resumed_at=start) if start else event)
 
-  state_K = group.init_state()
+  if restored:
+    for m, (_, position) in zip(members, restored):
+      m.pipeline.set_state(position)
+    state_K = group.stack([state for state, _ in restored])
+    del restored
+  else:
+    state_K = group.init_state()
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
   flops_per_token = flops_lib.flops_per_token(cfg.model, cfg.train.seq_len,
                                               cfg.train.flops_convention)
@@ -403,7 +455,7 @@ def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
   pending: list[tuple[int, list[dict], dict]] = []  # (step, data positions, metrics_K)
   interval_start, interval_steps = time.time(), 0
   first_step_s = None
-  step = 0
+  step = start
 
   def flush() -> list[tuple[dict, int] | None]:
     """Fetches the pending metrics (the host sync) and returns each live member's record
@@ -475,14 +527,23 @@ def _run_group(cfgs, workdirs, mesh, *, members_per_vmap, on_step, stop,
         interval_start, interval_steps = time.time(), 0
         if all(m.diverged for m in members):
           break  # nothing left to train
+      # One decision for all (any live member's clock), so all save the same steps: a
+      # group resumes only members whose newest steps are equal.
+      if step == total or stop or any(m.checkpointer.due(step) for m in members
+                                      if not m.diverged):
+        _save(group, state_K, members, step, final=step == total, stop=bool(stop))
       if stop and step < total:
+        if pending:  # steps since the last log are not recomputed after resume: keep them
+          for member, item in zip(members, flush()):
+            if item is not None:
+              member.writer.write(item[0])
         for m in members:
-          m.events.write({"event": "preempted", "step": step, "signal": stop.signum,
-                          "note": "a group does not checkpoint: it restarts from step 0"})
+          m.events.write({"event": "preempted", "step": step, "signal": stop.signum})
         raise Preempted(step, stop.signum)
-    _save_final(group, state_K, members, total)
-  finally:
+  finally:  # an interrupted group still finishes its async saves and closes its files
     for m in members:
+      m.checkpointer.wait()
+      m.checkpointer.close()
       m.writer.close()
     progress.close()
 
@@ -514,24 +575,18 @@ def _group_record(records: list[dict], step: int) -> dict:
   return rec
 
 
-def _save_final(group: GroupTrainer, state_K: State, members: list[_Member],
-                total: int) -> None:
-  """Each healthy member's final state, in its workdir, as lmjax.train saves a finished run."""
+def _save(group: GroupTrainer, state_K: State, members: list[_Member], step: int, *,
+          final: bool, stop: bool) -> None:
+  """Each live member's state at `step`, in its workdir, as lmjax.train saves a lone run:
+  interval saves only of healthy members (a rollback must land on a healthy state). The
+  loop decided that all save now, so each save is forced past its own clock."""
   bad_streak_K = np.asarray(jax.device_get(state_K["guard"]["bad_streak"]))
-  checkpointers = []
-  try:
-    for k, m in enumerate(members):
-      if m.diverged:
-        continue
-      position = m.pipeline.get_state()
-      extras = {"data": position, "data_per_process": [position],
-                "config": config_lib.to_dict(m.cfg), "rollbacks": 0,
-                "healthy": bool(bad_streak_K[k] == 0)}
-      ckpt = ckpt_lib.Checkpointer(m.workdir, m.cfg.checkpoint,
-                                   keys_that_may_change=RESUMABLE_CHANGES)
-      checkpointers.append(ckpt)
-      ckpt.save(total, group.member_state(state_K, k), extras, final=True)
-  finally:
-    for ckpt in checkpointers:
-      ckpt.wait()
-      ckpt.close()
+  for k, m in enumerate(members):
+    healthy = bool(bad_streak_K[k] == 0)
+    if m.diverged or not (healthy or final or stop):
+      continue
+    position = m.pipeline.get_state()
+    extras = {"data": position, "data_per_process": [position],
+              "config": config_lib.to_dict(m.cfg), "rollbacks": 0, "healthy": healthy}
+    m.checkpointer.save(step, group.member_state(state_K, k), extras, force=True,
+                        final=final)

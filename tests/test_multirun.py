@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from lmjax.data import pipeline as data_lib
 from lmjax.errors import ConfigError
 from lmjax.metrics import read_metrics
 from lmjax.multirun import GroupTrainer, check_groupable, group_key, train_group
+from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +131,104 @@ def test_diverging_member_does_not_stop_the_others(lone, tmp_path):
     np.testing.assert_allclose([r["loss"] for r in a], [r["loss"] for r in b], rtol=1e-5)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                  _final_params(cfgs[k], dirs[k]), _final_params(lone_cfg, lone_dir))
+
+
+def _saving(cfg: Config, every_steps: int) -> Config:
+  return dataclasses.replace(cfg, checkpoint=dataclasses.replace(
+      cfg.checkpoint, every_steps=every_steps, keep=3))
+
+
+def _events(workdir: Path) -> list[dict]:
+  return [json.loads(l) for l in (workdir / "events.jsonl").read_text().splitlines()]
+
+
+def _stop_group(cfgs, dirs, after_steps: int, monkeypatch) -> None:
+  """Trains the group until a stop request arrives after `after_steps` steps (between two
+  log records, as a signal would), and checks it raised Preempted there."""
+  flag, calls, step = StopFlag(), [0], GroupTrainer.step
+
+  def counting(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == after_steps:
+      flag.request()
+    return step(self, *args, **kwargs)
+  with monkeypatch.context() as m:
+    m.setattr(GroupTrainer, "step", counting)
+    with pytest.raises(Preempted, match=f"step {after_steps}"):
+      train_group(cfgs, [str(d) for d in dirs], mesh=_mesh(), members_per_vmap=1, stop=flag)
+
+
+def _group_steps(cfgs, dirs, monkeypatch) -> tuple[list[dict], int]:
+  """train_group's summaries and how many group steps it ran."""
+  calls, step = [0], GroupTrainer.step
+
+  def counting(self, *args, **kwargs):
+    calls[0] += 1
+    return step(self, *args, **kwargs)
+  with monkeypatch.context() as m:
+    m.setattr(GroupTrainer, "step", counting)
+    results = train_group(cfgs, [str(d) for d in dirs], mesh=_mesh(), members_per_vmap=1)
+  return results, calls[0]
+
+
+@pytest.fixture(scope="module")
+def straight_group(tmp_path_factory):
+  """The three members as one uninterrupted group, saving every 3 steps."""
+  cfgs = [_saving(_member(*m), 3) for m in MEMBERS]
+  dirs = [tmp_path_factory.mktemp("straight") / str(i) for i in range(len(cfgs))]
+  results = train_group(cfgs, [str(d) for d in dirs], mesh=_mesh(), members_per_vmap=1)
+  return cfgs, dirs, results
+
+
+def _assert_resumed_equals_straight(workdir: Path, straight_dir: Path, cfg: Config,
+                                    stopped_at: int) -> None:
+  """Bitwise final parameters; the same log records, where the stop cut no interval."""
+  a = {r["step"]: r for r in read_metrics(str(workdir))}
+  b = {r["step"]: r for r in read_metrics(str(straight_dir))}
+  assert sorted(a) == sorted(set(b) | {stopped_at})   # the stop flushed its partial interval
+  cut = min(s for s in b if s > stopped_at)           # its interval began before the stop
+  for s, rb in b.items():
+    same = set(rb) - set(TIMING) - ({"loss", "bits_per_token", "skipped"} if s == cut else set())
+    assert {k: a[s][k] for k in same} == {k: rb[k] for k in same}, s
+  jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, workdir),
+               _final_params(cfg, straight_dir))
+
+
+def test_stopped_group_resumes_as_a_group_and_equals_the_uninterrupted(straight_group,
+                                                                      tmp_path, monkeypatch):
+  cfgs, straight_dirs, straight = straight_group
+  dirs = [tmp_path / str(i) for i in range(len(cfgs))]
+  _stop_group(cfgs, dirs, 10, monkeypatch)
+  for d in dirs:   # every 3 steps (keep 3), then the stop's own save
+    assert sorted(int(p.name) for p in (d / "checkpoints").iterdir()) == [6, 9, 10]
+    last = _events(d)[-1]
+    assert (last["event"], last["step"]) == ("preempted", 10)
+  results, steps = _group_steps(cfgs, dirs, monkeypatch)
+  assert steps == STEPS - 10   # resumed at step 10, not from scratch
+  for k, (cfg, d, res) in enumerate(zip(cfgs, dirs, results)):
+    assert res["status"] == "done" and res["group_size"] == 3
+    assert res["final_eval_loss"] == straight[k]["final_eval_loss"]
+    assert [e.get("resumed_at") for e in _events(d) if e["event"] == "group"] == [None, 10]
+    _assert_resumed_equals_straight(d, straight_dirs[k], cfg, stopped_at=10)
+
+
+def test_member_whose_checkpoint_differs_resumes_alone(straight_group, tmp_path, monkeypatch):
+  cfgs, straight_dirs, straight = straight_group
+  dirs = [tmp_path / str(i) for i in range(len(cfgs))]
+  _stop_group(cfgs, dirs, 10, monkeypatch)
+  # Member 2's newest step is unusable: it restores step 9, which its mates are past.
+  (dirs[2] / "checkpoints" / "10" / "state" / "_METADATA").write_text("{not json")
+  results, steps = _group_steps(cfgs, dirs, monkeypatch)
+  assert steps == STEPS - 10   # members 0 and 1; member 2 trained alone
+  assert [r["group_size"] for r in results] == [2, 2, 1]
+  assert (dirs[2] / "checkpoints" / "10.corrupt").is_dir()   # set aside, not deleted
+  for k, (cfg, d, res) in enumerate(zip(cfgs, dirs, results)):
+    assert res["final_eval_loss"] == pytest.approx(straight[k]["final_eval_loss"], rel=1e-6)
+    if k < 2:
+      _assert_resumed_equals_straight(d, straight_dirs[k], cfg, stopped_at=10)
+    else:   # alone it replays steps 10-24 from step 9: the lone step, bitwise the group's
+      jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, d),
+                   _final_params(cfg, straight_dirs[k]))
 
 
 def test_nan_batch_or_skip_flag_skips_only_that_member():

@@ -309,3 +309,53 @@ def test_drain_books_each_group_member_by_its_own_outcome(tmp_path, monkeypatch)
     else:
       assert rows[c[0]]["status"] == "done" and rows[c[0]]["final_eval_loss"] == 5.0
   assert all(r["owner"] is None for r in rows.values())  # nothing left claimed
+
+
+def test_stopped_group_resumes_as_a_group_in_the_next_sweep(tmp_path, monkeypatch):
+  # A stop in the middle of a group (3 replicas of one point): the runs checkpoint and are
+  # released; the next drain claims the same three together and they go on from the stop,
+  # ending where an uninterrupted sweep ends.
+  from lmjax import sweep as sweep_lib
+  from lmjax.multirun import GroupTrainer
+  from lmjax.preemption import Preempted, StopFlag
+  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=1, seeds=3,
+                              group_size=3)
+  runs = plan(sweep)
+  ids = [r.id for r in runs]
+  total = runs[0].config.total_steps()
+  stop_at = total // 2 + 1
+  assert total > stop_at and stop_at % runs[0].config.checkpoint.every_steps
+  real_step, calls = GroupTrainer.step, []
+
+  def counting(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == stop_at and stop_flag is not None:
+      stop_flag.request()
+    return real_step(self, *args, **kwargs)
+  monkeypatch.setattr(GroupTrainer, "step", counting)
+
+  def drain(workdir, flag):
+    workdir.mkdir(exist_ok=True)
+    m = manifest_lib.Manifest(str(workdir / "manifest.sqlite"))
+    m.add(runs)
+    calls.clear()
+    sweep_lib.drain(m, ids, sweep, str(workdir), flag)
+    return {r["id"]: r for r in m.rows()}, len(calls)
+
+  stop_flag = None
+  straight, steps = drain(tmp_path / "straight", StopFlag())
+  assert steps == total
+  stop_flag = StopFlag()
+  with pytest.raises(Preempted):
+    drain(tmp_path / "stopped", stop_flag)
+  stop_flag = None
+  resumed, steps = drain(tmp_path / "stopped", StopFlag())
+  assert steps == total - stop_at   # one group, from the stop
+  for rid in ids:
+    assert resumed[rid]["status"] == straight[rid]["status"] == "done"
+    assert resumed[rid]["final_eval_loss"] == straight[rid]["final_eval_loss"]
+    events = [json.loads(l) for l in
+              (tmp_path / "stopped" / "runs" / rid / "events.jsonl").read_text().splitlines()]
+    assert [(e["size"], e.get("resumed_at")) for e in events if e["event"] == "group"] == [
+        (3, None), (3, stop_at)]
+  assert len({r["final_eval_loss"] for r in straight.values()}) == 3   # replicas differ
