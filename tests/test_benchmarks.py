@@ -35,3 +35,36 @@ def test_xla_variant_compiles_with_its_option_and_restores_the_defaults():
   assert "__ynn_fusion" in compiled_text("default")
   assert "__ynn_fusion" not in compiled_text("xla.xla_cpu_experimental_ynn_fusion_type=")
   assert train_lib.CPU_STEP_COMPILER_OPTIONS == before
+
+
+def test_accelerator_mfu_figures_follow_from_the_step_time_and_lmjax_flops():
+  # The H100 script's CPU smoke run: every simulated device on the data axis, one row each;
+  # its MFU must be lmjax.flops' count x tokens/s over the peak, all from the same step time.
+  import math
+
+  import jax
+
+  import accelerator_mfu as am
+  from lmjax import flops as flops_lib
+  from lmjax.model import ModelConfig
+  report = am.main(["--configs=tiny", "--steps=2", "--rounds=2", "--warmup=1", "--batch=1",
+                    "--batch_per_device=1"])
+  (r,) = report["results"]
+  n = jax.device_count()
+  assert r["devices"] == n > 1 and r["global_batch"] == n
+  cfg = ModelConfig(**r["model"])
+  assert (cfg.dtype, cfg.attention, cfg.scan_layers) == ("bfloat16", "causal_blocks", True)
+  assert r["params"] == flops_lib.param_counts(cfg).total
+  tokens_per_s = n * r["seq_len"] / (r["step_ms"] / 1e3)
+  assert r["tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-3)
+  for conv in ("matmul", "6N"):
+    per_token = flops_lib.flops_per_token(cfg, r["seq_len"], conv)
+    assert r["flops_per_token"][conv] == per_token
+    assert r["achieved_flops_per_s"][conv] == pytest.approx(tokens_per_s * per_token, rel=1e-3)
+  assert r["spec_peak_flops"] == flops_lib.peak_flops("cpu", "bfloat16") * n
+  assert r["mfu"] == pytest.approx(r["achieved_flops_per_s"]["matmul"] / r["spec_peak_flops"],
+                                   abs=1e-4)
+  assert r["mfu_6n"] < r["mfu"]   # 6N leaves out attention
+  assert abs(r["final_loss"] - math.log(cfg.vocab_size)) < 1.0   # random tokens: ~ln V
+  with pytest.raises(SystemExit, match="unknown --configs"):
+    am.main(["--configs=7b"])
