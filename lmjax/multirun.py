@@ -79,7 +79,7 @@ from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
-                         _check_workdir_config, _eval_record, _peak_flops,
+                         _check_workdir_config, _eval_record, _peak_flops, checkpoint_extras,
                          cpu_compiler_options, interval_record, make_eval_step,
                          make_train_step, skip_reason, train)
 
@@ -441,7 +441,7 @@ def _run_group(cfgs, workdirs, mesh, start: int, restored: list | None, *, membe
     for m, (_, position) in zip(members, restored):
       m.pipeline.set_state(position)
     state_K = group.stack([state for state, _ in restored])
-    del restored
+    restored.clear()   # the lone copies: the caller's list too, so they can be freed
   else:
     state_K = group.init_state()
   tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
@@ -585,8 +585,7 @@ def _save(group: GroupTrainer, state_K: State, members: list[_Member], step: int
     healthy = bool(bad_streak_K[k] == 0)
     if m.diverged or not (healthy or final or stop):
       continue
-    position = m.pipeline.get_state()
-    extras = {"data": position, "data_per_process": [position],
-              "config": config_lib.to_dict(m.cfg), "rollbacks": 0, "healthy": healthy}
+    extras = checkpoint_extras([m.pipeline.get_state()], config_lib.to_dict(m.cfg),
+                               rollbacks=0, healthy=healthy)
     m.checkpointer.save(step, group.member_state(state_K, k), extras, force=True,
                         final=final)

@@ -703,9 +703,8 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
         healthy = int(jax.device_get(state["guard"]["bad_streak"])) == 0
         if healthy or step == total or stop:  # rollbacks must land on a healthy state
           positions = _all_processes(pipeline.get_state())  # TFDS positions are per process
-          extras = {"data": positions[0], "data_per_process": positions, "config": cfg_dict,
-                    "rollbacks": rollbacks, "healthy": healthy}
-          checkpointer.save(step, state, extras, force=bool(stop), final=step == total)
+          checkpointer.save(step, state, checkpoint_extras(positions, cfg_dict, rollbacks, healthy),
+                            force=bool(stop), final=step == total)
         if stop and step < total:
           if pending:  # steps since the last log are not recomputed after resume: keep them
             writer.write(flush()[0])
@@ -727,6 +726,13 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
       "skipped_steps": len(skips), "rollbacks": rollbacks,
       "malloc": allocator.current(),  # it moves CPU step times ~10% (lmjax/allocator.py)
   }
+
+
+def checkpoint_extras(positions: list, cfg_dict: dict, rollbacks: int, healthy: bool) -> dict:
+  """What a run's checkpoint holds besides its state: the data position of every process
+  (and process 0's, for a resume on another topology), the config, and the guard's record."""
+  return {"data": positions[0], "data_per_process": positions, "config": cfg_dict,
+          "rollbacks": rollbacks, "healthy": healthy}
 
 
 def skip_reason(m: dict) -> str:
