@@ -78,14 +78,10 @@ def build_config(name: str, args: argparse.Namespace) -> Config:
 
 
 def _batches(cfg: Config, mesh, n: int = 4) -> list[dict]:
-  rng = np.random.default_rng(0)
-  B, T, V = cfg.train.global_batch, cfg.train.seq_len, cfg.model.vocab_size
-  out = []
-  for _ in range(n):
-    tok = rng.integers(0, V, (B, T + 1), np.int32)
-    local = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": np.ones((B, T), np.float32)}
-    out.append(sharding.global_batch_from_local(local, mesh))
-  return out
+  shape = dict(batch=cfg.train.global_batch, seq_len=cfg.train.seq_len,
+               vocab=cfg.model.vocab_size)
+  return [sharding.global_batch_from_local(b, mesh)
+          for b in bench_common.make_batches(shape, n=n)]
 
 
 def _peak_memory() -> int | None:
@@ -124,8 +120,8 @@ def bench(name: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, 
   tokens = cfg.train.global_batch * cfg.train.seq_len
   tokens_per_s = tokens / step_s
   kind = jax.devices()[0].device_kind
-  spec_peak = flops_lib.peak_flops(kind, cfg.model.dtype) * jax.device_count()
   n_dev = jax.device_count()
+  spec_peak = flops_lib.peak_flops(kind, cfg.model.dtype) * n_dev
   per_token = {c: flops_lib.flops_per_token(cfg.model, cfg.train.seq_len, c)
                for c in ("matmul", "6N")}
   achieved = {c: tokens_per_s * f for c, f in per_token.items()}

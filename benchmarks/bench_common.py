@@ -9,6 +9,7 @@ import platform
 from typing import Any
 
 import jax
+import numpy as np
 
 from lmjax import allocator
 from lmjax import config as config_lib
@@ -54,6 +55,17 @@ def emit(report: dict, out: str = "") -> None:
   if out:
     with open(out, "w") as f:
       f.write(text + "\n")
+
+
+def make_batches(shape: dict, n: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
+  """n host batches of random tokens for shape's batch, seq_len and vocab."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    tok = rng.integers(0, shape["vocab"], (shape["batch"], shape["seq_len"] + 1), np.int32)
+    out.append({"inputs": tok[:, :-1], "targets": tok[:, 1:],
+                "mask": np.ones((shape["batch"], shape["seq_len"]), np.float32)})
+  return out
 
 
 def load_average() -> list[float] | None:

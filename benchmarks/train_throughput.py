@@ -30,7 +30,6 @@ from typing import Any
 
 import bench_common
 import jax
-import numpy as np
 
 from lmjax import allocator
 from lmjax import flops as flops_lib
@@ -405,14 +404,7 @@ class IsolatedRunner:
 
 # ------------------------------------------------------------------------------ benchmark
 
-def make_batches(shape: dict, n: int = 16, seed: int = 0) -> list[dict[str, np.ndarray]]:
-  rng = np.random.default_rng(seed)
-  out = []
-  for _ in range(n):
-    tok = rng.integers(0, shape["vocab"], (shape["batch"], shape["seq_len"] + 1), np.int32)
-    out.append({"inputs": tok[:, :-1], "targets": tok[:, 1:],
-                "mask": np.ones((shape["batch"], shape["seq_len"]), np.float32)})
-  return out
+make_batches = bench_common.make_batches   # step_ab.py and the tests call it here
 
 
 def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: int,

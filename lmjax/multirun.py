@@ -391,11 +391,10 @@ def train_group(cfgs: Sequence[Config], workdirs: Sequence[str], *,
   by_step: dict[int, list[int]] = {}
   for k, w in enumerate(workdirs):
     by_step.setdefault(_latest_checkpoint(w) or 0, []).append(k)
-  alone = [k for s, ks in by_step.items() if s >= total or (s and len(ks) == 1) for k in ks]
+  groups = {s: ks for s, ks in by_step.items() if s < total and (s == 0 or len(ks) > 1)}
+  alone = [k for s, ks in by_step.items() if s not in groups for k in ks]
   results: list[dict | None] = [None] * len(cfgs)
-  for start, ks in sorted(by_step.items()):
-    if ks[0] in alone:
-      continue
+  for start, ks in sorted(groups.items()):
     with CompileClock() as clock:  # restoring compiles the checkpoint fingerprints
       restored = None
       if start:
