@@ -59,7 +59,7 @@ import hashlib
 import json
 import os
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,9 +79,10 @@ from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
 from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
-                         _check_workdir_config, _eval_record, _peak_flops, checkpoint_extras,
-                         cpu_compiler_options, interval_record, make_eval_step,
-                         make_train_step, skip_reason, train)
+                         _cache_key, _check_workdir_config, _eval_record, _peak_flops,
+                         abstract_batch, cached_programs, checkpoint_extras,
+                         cpu_compiler_options, cpu_splits, interval_record, make_eval_step,
+                         make_train_step, skip_reason, train, wait_for_ahead)
 
 # Config keys in which the members of one group may differ (dotted, as config_diff names them).
 MEMBER_FIELDS = ("name", "train.seed", "data.seed", "optim.lr")
@@ -185,6 +186,63 @@ def resolve_members_per_vmap(members_per_vmap: int | str | None, mesh: jax.shard
   return members_per_vmap
 
 
+class _GroupPrograms(NamedTuple):
+  state_shardings: Any
+  abstract_state: Any
+  batch_sharding: NamedSharding
+  train_step: Callable
+  eval_step: Callable
+  stack: Callable
+  take: Callable
+
+
+def _default_group_options(mesh: jax.sharding.Mesh, members_per_vmap: int | None) -> dict | None:
+  # The ynn option fixes vmapped reductions; a member at a time is the lone step's
+  # program, compiled as a lone step is.
+  return (cpu_compiler_options(mesh) if members_per_vmap == 1
+          else default_compiler_options(mesh))
+
+
+def _programs_key(cfg: Config, mesh: jax.sharding.Mesh, splits: int, size: int,
+                  members_per_vmap: int | None, compiler_options: dict | None) -> tuple:
+  """The lmjax.train.cached_programs key of a group's programs."""
+  return ("group", _cache_key(cfg, mesh, splits), size, members_per_vmap,
+          repr(compiler_options), make_group_step)
+
+
+def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, member: Trainer, size: int,
+                    members_per_vmap: int | None, compiler_options: dict | None) -> _GroupPrograms:
+  state_shardings = jax.tree.map(_stacked, member.state_shardings)
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct((size, *x.shape), x.dtype, sharding=s),
+      member.abstract_state, state_shardings)
+  batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
+  rep = sharding.replicated(mesh)
+  rules = sharding.activation_rules(mesh)
+  member_step = make_group_step(cfg, member.tx, members_per_vmap, member.splits)
+  member_eval = make_eval_step(cfg)
+
+  def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):
+    with nn.logical_axis_rules(rules):
+      return member_step(state_K, batch_KBT, hparams_K)
+
+  def group_eval(params_K, batch_BT: dict):
+    with nn.logical_axis_rules(rules):  # every member sees the same eval batch
+      return _over_members(lambda p: member_eval(p, batch_BT), params_K, members_per_vmap)
+
+  return _GroupPrograms(
+      state_shardings, abstract_state, batch_sharding,
+      jax.jit(group_step, in_shardings=(state_shardings, batch_sharding, rep),
+              out_shardings=(state_shardings, rep), donate_argnums=0,
+              compiler_options=compiler_options),
+      jax.jit(group_eval, in_shardings=(state_shardings["params"], sharding.batch_sharding(mesh)),
+              out_shardings=rep, compiler_options=compiler_options),
+      jax.jit(lambda *states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
+              out_shardings=state_shardings),
+      jax.jit(lambda state_K, k: jax.tree.map(lambda x: x[k], state_K),
+              out_shardings=member.state_shardings))
+
+
 class GroupTrainer:
   """Compiled steps for a group of same-shape configs on one mesh.
 
@@ -195,7 +253,8 @@ class GroupTrainer:
   def __init__(self, cfgs: Sequence[Config], mesh: jax.sharding.Mesh, *,
                members_per_vmap: int | str | None = "auto",
                compiler_options: dict | str | None = "default"):
-    """Builds (does not yet compile) the group's programs.
+    """Builds the group's programs, or takes those of an earlier group of the same
+    programs and size (lmjax.train.cached_programs); compiles nothing yet.
 
     Args:
       cfgs: configs that differ at most in MEMBER_FIELDS (else ConfigError).
@@ -209,53 +268,29 @@ class GroupTrainer:
     self.size = len(self.cfgs)
     self.members_per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, self.size)
     cfg = self.cfgs[0]
+    if compiler_options == "default":
+      compiler_options = _default_group_options(mesh, self.members_per_vmap)
+    self.compiler_options = compiler_options
+    # Shared with earlier groups of the same programs and size: a sweep's groups of one
+    # model size at several budgets (lr, warmup and length reach the step as hparams).
+    key = _programs_key(cfg, mesh, cpu_splits(cfg, mesh), self.size, self.members_per_vmap,
+                        compiler_options)
+    wait_for_ahead(key)   # its thread builds the member's programs below too
     # The lone trainer of member 0 supplies what members share: the optimizer (it leaves
     # out the lr, which comes in hparams), shardings, the init and the eval step. Its own
     # jitted train step is never called, so never compiled.
     self.member = Trainer(cfg, mesh)
     self.total_steps = self.member.total_steps
     self.tx = self.member.tx
-    self.state_shardings = jax.tree.map(_stacked, self.member.state_shardings)
-    self.abstract_state = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct((self.size, *x.shape), x.dtype, sharding=s),
-        self.member.abstract_state, self.state_shardings)
-    self.batch_sharding = NamedSharding(mesh, P(None, ("data", "fsdp")))
-    rep = sharding.replicated(mesh)
-    rules = sharding.activation_rules(mesh)
     self._hparams = {
         "total_steps": np.full(self.size, self.total_steps, np.int32),
         "warmup_steps": np.full(self.size, cfg.optim.warmup_steps, np.int32),
         "peak_lr": np.array([c.optim.lr for c in self.cfgs], np.float32),
     }
-    member_step = make_group_step(cfg, self.tx, self.members_per_vmap, self.member.splits)
-    member_eval = make_eval_step(cfg)
-
-    def group_step(state_K: State, batch_KBT: dict, hparams_K: dict):
-      with nn.logical_axis_rules(rules):
-        return member_step(state_K, batch_KBT, hparams_K)
-
-    def group_eval(params_K, batch_BT: dict):
-      with nn.logical_axis_rules(rules):  # every member sees the same eval batch
-        return _over_members(lambda p: member_eval(p, batch_BT), params_K,
-                             self.members_per_vmap)
-
-    if compiler_options == "default":
-      # The ynn option fixes vmapped reductions; a member at a time is the lone step's
-      # program, compiled as a lone step is.
-      compiler_options = (cpu_compiler_options(mesh) if self.members_per_vmap == 1
-                          else default_compiler_options(mesh))
-    self.compiler_options = compiler_options
-    self.train_step = jax.jit(group_step,
-                              in_shardings=(self.state_shardings, self.batch_sharding, rep),
-                              out_shardings=(self.state_shardings, rep), donate_argnums=0,
-                              compiler_options=compiler_options)
-    self.eval_step = jax.jit(group_eval, in_shardings=(self.state_shardings["params"],
-                                                      sharding.batch_sharding(mesh)),
-                             out_shardings=rep, compiler_options=compiler_options)
-    self._stack = jax.jit(lambda *states: jax.tree.map(lambda *xs: jnp.stack(xs), *states),
-                          out_shardings=self.state_shardings)
-    self._take = jax.jit(lambda state_K, k: jax.tree.map(lambda x: x[k], state_K),
-                         out_shardings=self.member.state_shardings)
+    (self.state_shardings, self.abstract_state, self.batch_sharding, self.train_step,
+     self.eval_step, self._stack, self._take) = cached_programs(
+         key, lambda: _build_programs(cfg, mesh, self.member, self.size,
+                                      self.members_per_vmap, compiler_options))
 
   def init_state(self) -> State:
     """K stacked states; member k's is exactly Trainer.init_state(cfgs[k].train.seed)."""
@@ -291,6 +326,37 @@ class GroupTrainer:
       sums = [self.eval_step(params_K, b) for b in batches]
     ce_K, n_K = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
     return ce_K / np.maximum(n_K, 1.0)
+
+
+def compile_group_ahead(ahead, cfgs: Sequence[Config],
+                        members_per_vmap: int | str | None = "auto") -> bool:
+  """Queues on `ahead` (a lmjax.train.CompileAhead) every program that train_group(cfgs)
+  will run from step 0: the group's train, eval, stack and take steps and the members'
+  init. False, and nothing queued, if they are built or queued already or cfgs cannot be a
+  group (their run will say why)."""
+  try:
+    check_groupable(cfgs)
+    cfg = cfgs[0]
+    mesh = sharding.make_mesh(cfg.mesh)
+    per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, len(cfgs))
+    key = _programs_key(cfg, mesh, cpu_splits(cfg, mesh), len(cfgs), per_vmap,
+                        _default_group_options(mesh, per_vmap))
+  except Exception:  # pylint: disable=broad-except - the run reports its own bad config
+    return False
+  return ahead.submit_programs(key, lambda: _compile_group(cfgs, mesh, members_per_vmap))
+
+
+def _compile_group(cfgs: Sequence[Config], mesh: jax.sharding.Mesh, members_per_vmap) -> None:
+  group = GroupTrainer(cfgs, mesh, members_per_vmap=members_per_vmap)
+  cfg, K = cfgs[0], group.size
+  with jax.set_mesh(mesh):
+    group.member._init.lower(jax.random.key(0)).compile()  # pylint: disable=protected-access
+    group._stack.lower(*[group.member.abstract_state] * K).compile()
+    group.train_step.lower(group.abstract_state,
+                           abstract_batch(cfg, mesh, (K,), group.batch_sharding),
+                           dict(group._hparams, skip=np.zeros(K, bool))).compile()
+    group.eval_step.lower(group.abstract_state["params"], abstract_batch(cfg, mesh)).compile()
+    group._take.lower(group.abstract_state, np.int32(0)).compile()
 
 
 # ------------------------------------------------------------------------------ the loop

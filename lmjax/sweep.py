@@ -14,7 +14,6 @@ if __name__ == "__main__":  # first, before jax loads: maybe re-execute on mimal
   from lmjax.allocator import maybe_reexec
   maybe_reexec()
 
-import collections
 import functools
 import json
 import math
@@ -110,12 +109,12 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
           stop: StopFlag) -> None:
   """Claims and trains runs (in groups where they share a group key) until none is left
   (or a stop is requested). With sweep.compile_ahead, once a run trains, the next model
-  size's programs compile in a background thread (lmjax.train.CompileAhead)."""
+  size's (or group's) programs compile in a background thread (lmjax.train.CompileAhead)."""
   from lmjax.train import CompileAhead  # imports jax: only processes that train get here
   with CompileAhead() as ahead:
     _drain(manifest, ids, sweep, workdir, stop, ahead if sweep.compile_ahead else None)
   if ahead.compiled:
-    _say(f"compiled {ahead.compiled} model size(s) ahead of their runs, "
+    _say(f"compiled {ahead.compiled} model size(s) or group(s) ahead of their runs, "
          f"{ahead.seconds:.1f}s in the background")
 
 
@@ -141,7 +140,7 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
       nonlocal last_beat, ahead_due
       if ahead_due:  # the first record: this run's programs are compiled and it trains
         ahead_due = False
-        _compile_next(ahead, manifest, ids, keys, rids, judged)
+        _compile_next(ahead, manifest, ids, keys, rids, judged, sweep.group_size)
       if time.time() - last_beat > HEARTBEAT_S:
         for rid in rids:
           manifest.heartbeat(rid)
@@ -173,26 +172,31 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
 
 
 def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
-                  keys: dict[str, str] | None, training: list[str], judged: set[str]) -> None:
-  """Queues the programs of the next planned lone run whose model size has none yet (a
-  group compiles multirun's programs). A speed-up only: it never fails the run.
+                  keys: dict[str, str] | None, training: list[str], judged: set[str],
+                  group_size: int) -> None:
+  """Queues the programs of the next planned run, or group of runs, whose programs are not
+  built yet. A speed-up only: it never fails the run.
 
   Each row is offered once per sweep process (`judged`): a row is parsed and keyed in
   ~4 ms, and this runs on the training thread at every run's first record, so rescanning
   rows whose programs were built would cost a long sweep O(runs^2) of that. (A row whose
-  programs have since left Trainer's 8-entry cache then compiles in its own run.)
+  programs have since left lmjax.train's 16-entry cache then compiles in its own run.)
   """
+  from lmjax.multirun import compile_group_ahead
   try:
     order = {rid: i for i, rid in enumerate(ids)}
     planned = sorted((r for r in manifest.rows(ids)
                       if r["status"] == "planned" and r["id"] not in training),
                      key=lambda r: order[r["id"]])
-    group_sizes = collections.Counter(keys[r["id"]] for r in planned) if keys else None
     for row in planned:
-      if row["id"] in judged or (group_sizes and group_sizes[keys[row["id"]]] > 1):
+      if row["id"] in judged:
         continue
-      judged.add(row["id"])
-      if ahead.submit(config_lib.from_dict(Config, json.loads(row["config"]))):
+      # _claim_group's pick: this row and its first planned mates, in sweep order.
+      rows = ([r for r in planned if keys[r["id"]] == keys[row["id"]]][:group_size]
+              if keys else [row])
+      judged.update(r["id"] for r in rows)
+      cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
+      if ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs):
         return
   except Exception as e:  # noqa: BLE001 - e.g. a busy manifest: the runs compile as usual
     logging.warning("not compiling ahead: %s", e)

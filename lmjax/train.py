@@ -322,10 +322,11 @@ class _Programs(NamedTuple):
 
 # Recently built programs, so that a sweep's later runs of a shape skip tracing, lowering
 # and compiling (the persistent cache skips only the compiling): on the default CPU sweep
-# that took 0.8-1.8 s a run. Keyed by everything the programs depend on. CompileAhead's
-# thread fills it too, hence the lock.
+# that took 0.8-1.8 s a run. Keyed by everything the programs depend on. Groups of runs
+# (lmjax.multirun) keep theirs here too, under keys of their own. CompileAhead's thread
+# fills it as well, hence the lock.
 _PROGRAMS: collections.OrderedDict = collections.OrderedDict()
-PROGRAMS_KEPT = 8
+PROGRAMS_KEPT = 16
 _PROGRAMS_LOCK = threading.Lock()
 _AHEAD: dict[tuple, threading.Event] = {}   # keys CompileAhead is compiling -> set when done
 
@@ -342,25 +343,36 @@ def _cache_key(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> tuple:
           Transformer, make_train_step, make_eval_step, make_optimizer)
 
 
-def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
-  key = _cache_key(cfg, mesh, splits)
+def wait_for_ahead(key: tuple) -> None:
+  """Returns once CompileAhead is not compiling the programs under `key` (at once if it is
+  not); the wait counts as compile time. Waiting beats compiling them a second time."""
   with _PROGRAMS_LOCK:
     ahead = _AHEAD.get(key)
   if ahead is not None and not is_off_the_clock():
-    # Compiled in the background right now: waiting beats compiling it a second time.
     start = time.time()
     ahead.wait()
     record_wait(start)
+
+
+def cached_programs(key: tuple, build: Callable[[], Any]) -> Any:
+  """The programs cached under `key`, else build()'s, which are cached. If CompileAhead is
+  building them right now, waits for those instead."""
+  wait_for_ahead(key)
   with _PROGRAMS_LOCK:
     if key in _PROGRAMS:
       _PROGRAMS.move_to_end(key)
       return _PROGRAMS[key]
-  programs = _build_programs(cfg, mesh, splits)
+  programs = build()
   with _PROGRAMS_LOCK:
     _PROGRAMS[key] = programs
     while len(_PROGRAMS) > PROGRAMS_KEPT:
       _PROGRAMS.popitem(last=False)
   return programs
+
+
+def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
+  return cached_programs(_cache_key(cfg, mesh, splits),
+                         lambda: _build_programs(cfg, mesh, splits))
 
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
@@ -465,8 +477,9 @@ class Trainer:
 class CompileAhead:
   """Compiles the programs of runs that have not started, in one background thread.
 
-  A sweep trains one run while this compiles the next model size, so that the next run
-  starts without compiling. Compiles here are on no CompileClock: they do not hold up a
+  A sweep trains one run while this compiles the next model size (`submit`) or the next
+  group's programs (lmjax.multirun.compile_group_ahead), so that they start without
+  compiling. Compiles here are on no CompileClock: they do not hold up a
   run. A run that arrives while its programs are still compiling waits for them (that wait
   is on its clock) rather than compiling them a second time. Single-process only: several
   processes must compile in step. Use as a context manager; leaving it waits for the
@@ -482,45 +495,41 @@ class CompileAhead:
         1, thread_name_prefix="lmjax-compile-ahead")
     self._keys: list[tuple] = []
     self.seconds = 0.0   # background wall time spent compiling
-    self.compiled = 0    # configs whose programs were all compiled
+    self.compiled = 0    # program sets compiled whole: a lone config's or a group's
 
   def submit(self, cfg: Config) -> bool:
     """Queues cfg's init, train and eval programs. False, and nothing queued, if they are
     built or queued already, if the config is unusable (its run will say why), or under
     several processes."""
-    if jax.process_count() > 1:
-      return False
     try:
       mesh = sharding.make_mesh(cfg.mesh)
       key = _cache_key(cfg, mesh, cpu_splits(cfg, mesh))
     except Exception:  # pylint: disable=broad-except - the run reports its own bad config
+      return False
+    return self.submit_programs(key, functools.partial(_compile_lone, cfg, mesh))
+
+  def submit_programs(self, key: tuple, compile_fn: Callable[[], None]) -> bool:
+    """Queues compile_fn(), which builds the programs `cached_programs` keeps under `key`
+    and compiles them (lmjax.multirun's groups come in here). False, and nothing queued,
+    if they are built or queued already, or under several processes."""
+    if jax.process_count() > 1:
       return False
     with _PROGRAMS_LOCK:
       if key in _PROGRAMS or key in _AHEAD:
         return False
       _AHEAD[key] = threading.Event()  # before the thread starts: a run must find it
     self._keys.append(key)
-    self._pool.submit(self._compile, cfg, mesh, key)
+    self._pool.submit(self._compile, compile_fn, key)
     return True
 
-  def _compile(self, cfg: Config, mesh: jax.sharding.Mesh, key: tuple) -> None:
+  def _compile(self, compile_fn: Callable[[], None], key: tuple) -> None:
     start = time.time()
     try:
       with off_the_clock():
-        trainer = Trainer(cfg, mesh)
-        # The shapes and sharding of the batches train() will feed (its first one).
-        local = data_lib.make_pipeline(cfg.data, seq_len=cfg.train.seq_len,
-                                       global_batch=cfg.train.global_batch).next()
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                         sharding=sharding.batch_sharding(mesh))
-                 for k, v in local.items()}
-        with jax.set_mesh(mesh):
-          trainer._init.lower(jax.random.key(0)).compile()  # pylint: disable=protected-access
-          trainer.train_step.lower(trainer.abstract_state, batch, trainer.hparams()).compile()
-          trainer.eval_step.lower(trainer.abstract_state["params"], batch).compile()
+        compile_fn()
       self.compiled += 1
     except Exception as e:  # pylint: disable=broad-except - the run meets and reports it
-      logging.info("compiling ahead for run %s failed: %s", cfg.name, e)
+      logging.info("compiling ahead failed (the run will compile for itself): %s", e)
     finally:
       self.seconds += time.time() - start
       self._release(key)
@@ -539,6 +548,27 @@ class CompileAhead:
     self._pool.shutdown(wait=True, cancel_futures=True)
     for key in self._keys:  # cancelled before they started: nobody may wait on them
       self._release(key)
+
+
+def _compile_lone(cfg: Config, mesh: jax.sharding.Mesh) -> None:
+  """Builds and compiles cfg's init, train and eval programs (CompileAhead's thread)."""
+  trainer = Trainer(cfg, mesh)
+  with jax.set_mesh(mesh):
+    trainer._init.lower(jax.random.key(0)).compile()  # pylint: disable=protected-access
+    batch = abstract_batch(cfg, mesh)
+    trainer.train_step.lower(trainer.abstract_state, batch, trainer.hparams()).compile()
+    trainer.eval_step.lower(trainer.abstract_state["params"], batch).compile()
+
+
+def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh, lead: tuple[int, ...] = (),
+                   batch_sharding: jax.sharding.Sharding | None = None) -> dict:
+  """The shapes, dtypes and sharding of the batches train() feeds (its first one), with
+  `lead` axes in front (a group's K)."""
+  local = data_lib.make_pipeline(cfg.data, seq_len=cfg.train.seq_len,
+                                 global_batch=cfg.train.global_batch).next()
+  return {k: jax.ShapeDtypeStruct((*lead, *v.shape), v.dtype,
+                                  sharding=batch_sharding or sharding.batch_sharding(mesh))
+          for k, v in local.items()}
 
 
 # ------------------------------------------------------------------------------ the loop

@@ -231,6 +231,78 @@ def test_member_whose_checkpoint_differs_resumes_alone(straight_group, tmp_path,
                    _final_params(cfg, straight_dirs[k]))
 
 
+def _fresh_group(cfgs, root: Path, mesh=None) -> tuple[list[dict], list[Path]]:
+  """train_group(cfgs) with no programs built before it (on _mesh() unless given)."""
+  from lmjax import train as train_lib
+  with train_lib._PROGRAMS_LOCK:
+    train_lib._PROGRAMS.clear()
+  dirs = [root / str(i) for i in range(len(cfgs))]
+  return train_group(cfgs, [str(d) for d in dirs], mesh=mesh or _mesh()), dirs
+
+
+def _assert_bitwise_same_runs(cfgs, dirs, other_dirs) -> None:
+  for cfg, d, o in zip(cfgs, dirs, other_dirs):
+    assert [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(str(d))] == \
+        [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(str(o))]
+    jax.tree.map(np.testing.assert_array_equal, _final_params(cfg, d), _final_params(cfg, o))
+
+
+def test_groups_of_one_shape_share_programs_and_train_as_if_fresh(tmp_path):
+  # A sweep's groups of one model size at other budgets differ in lr, warmup, length and
+  # seeds, which reach the step as inputs: the second group reuses the first's programs
+  # and trains bit for bit as it would with its own.
+  from lmjax.compile_clock import CompileClock
+  r = dataclasses.replace
+  a = [_member(*m) for m in MEMBERS]
+  b = [r(c, name=c.name + "-b", optim=r(c.optim, lr=c.optim.lr / 2, warmup_steps=3),
+         train=r(c.train, steps=16, seed=c.train.seed + 10), data=r(c.data, seed=c.data.seed + 1))
+       for c in a]
+  fresh, fresh_dirs = _fresh_group(b, tmp_path / "fresh")
+  _fresh_group(a, tmp_path / "a")
+  mesh = _mesh()
+  with CompileClock() as clock:
+    assert GroupTrainer(b, mesh).train_step is GroupTrainer(a, mesh).train_step
+    dirs = [tmp_path / "b" / str(i) for i in range(3)]
+    reused = train_group(b, [str(d) for d in dirs], mesh=mesh)
+  assert clock.programs == 0   # nothing traced, lowered or compiled again
+  assert [x["final_eval_loss"] for x in reused] == [x["final_eval_loss"] for x in fresh]
+  _assert_bitwise_same_runs(b, dirs, fresh_dirs)
+  # Another group size, or another way of batching the members, is another program.
+  assert GroupTrainer(a[:2], mesh).train_step is not GroupTrainer(a, mesh).train_step
+  assert (GroupTrainer(a, mesh, members_per_vmap=None).train_step
+          is not GroupTrainer(a, mesh).train_step)
+
+
+def test_group_compiled_ahead_leaves_the_group_nothing_to_compile(tmp_path):
+  # The sweep compiles the next group's programs in the background while a run trains
+  # (lmjax.sweep._compile_next). The group that follows makes no program itself, waiting
+  # if they are still compiling, and trains bit for bit as with its own.
+  from lmjax import train as train_lib
+  from lmjax.compile_clock import CompileClock
+  from lmjax.multirun import compile_group_ahead
+  cfgs = [_member(*m) for m in MEMBERS[:2]]
+  mesh = sharding.make_mesh(cfgs[0].mesh)   # what the sweep's groups and their ahead use
+  fresh, fresh_dirs = _fresh_group(cfgs, tmp_path / "fresh", mesh)
+  with train_lib._PROGRAMS_LOCK:
+    train_lib._PROGRAMS.clear()
+  dirs = [tmp_path / "ahead" / str(i) for i in range(2)]
+  with train_lib.CompileAhead() as ahead:
+    assert compile_group_ahead(ahead, cfgs)
+    assert not compile_group_ahead(ahead, cfgs)   # queued already
+    with CompileClock() as clock:
+      results = train_group(cfgs, [str(d) for d in dirs])
+  assert clock.programs == 0
+  assert ahead.compiled == 1 and ahead.seconds > 0
+  assert [x["final_eval_loss"] for x in results] == [x["final_eval_loss"] for x in fresh]
+  _assert_bitwise_same_runs(cfgs, dirs, fresh_dirs)
+  with train_lib.CompileAhead() as ahead:
+    assert not compile_group_ahead(ahead, cfgs)   # built already
+    # Configs that cannot be one group queue nothing; their run reports the problem.
+    other = dataclasses.replace(cfgs[1], model=dataclasses.replace(cfgs[1].model, d_model=64))
+    assert not compile_group_ahead(ahead, [cfgs[0], other])
+  assert ahead.compiled == 0 and not train_lib._AHEAD
+
+
 def test_nan_batch_or_skip_flag_skips_only_that_member():
   cfgs = [_member(*m) for m in MEMBERS]
   mesh = _mesh()

@@ -247,10 +247,10 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("as one group") == (2 if group_size > 1 else 0), proc.stderr[-2000:]
-    # Alone, the second model size compiles in the background while the first trains;
-    # groups compile their own (multirun) programs, so nothing is compiled ahead for them.
-    ahead = "compiled 1 model size(s) ahead of their runs"
-    assert (ahead in proc.stderr) == (group_size == 1), proc.stderr[-2000:]
+    # The second model size (alone) or the second group compiles in the background while
+    # the first trains.
+    assert "compiled 1 model size(s) or group(s) ahead of their runs" in proc.stderr, \
+        proc.stderr[-2000:]
     db = sqlite3.connect(str(workdir / "manifest.sqlite"))
     rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s, malloc FROM runs"))
     assert len(rows) == 4 and all(r[1] == "done" and r[3] > 0 for r in rows), rows
