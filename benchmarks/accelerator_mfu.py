@@ -22,11 +22,21 @@ reports it.
 Defaults per backend: attention "cudnn" on GPU (cuDNN flash attention; bf16 only),
 "splash" on TPU (Pallas), "causal_blocks" on CPU; layers scanned (one compiled block).
 Everything is overridable; the report records the config that ran.
+
+A GPU is lent rarely, so one failure must not cost the session its figures. With
+--fallback=1 (the default) a config that fails is tried again, changed one step at a time:
+out of device memory, with more remat ("none" -> "dots" -> "full"); any other error (a
+fused-attention kernel that does not build, say), with jax.nn's XLA attention. Each row
+lists its failed attempts and their errors; a config that fails every way gets a row with
+its error, and the other configs still run. With --out the JSON is rewritten after every
+config, so a command cut off by its time limit still leaves the configs it finished.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
+import json
 import statistics
 import sys
 import time
@@ -90,8 +100,11 @@ def _peak_memory() -> int | None:
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
-def bench(name: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, Any]:
+def bench(name: str, args: argparse.Namespace, matmul_peak: float,
+          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   cfg = build_config(name, args)
+  if overrides:
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
   mesh = sharding.make_mesh(cfg.mesh)
   trainer = Trainer(cfg, mesh)
   state = trainer.init_state()
@@ -144,6 +157,49 @@ def bench(name: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, 
   }
 
 
+REMAT_LADDER = ("none", "dots", "full")
+XLA_ATTENTION = "dot_product_attention"   # jax.nn's reference attention, plain XLA
+
+
+def _out_of_memory(e: BaseException) -> bool:
+  text = str(e)
+  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def next_variant(model: dict[str, Any], e: BaseException) -> dict[str, Any] | None:
+  """The model overrides to try after `model` (the failed attempt's ModelConfig fields)
+  failed with `e`, or None when nothing is left to try."""
+  if _out_of_memory(e):
+    i = REMAT_LADDER.index(model["remat"]) if model["remat"] in REMAT_LADDER else -1
+    if 0 <= i < len(REMAT_LADDER) - 1:
+      return {"remat": REMAT_LADDER[i + 1]}
+    return None
+  if model["attention"] != XLA_ATTENTION:
+    return {"attention": XLA_ATTENTION}
+  return None
+
+
+def run_config(name: str, args: argparse.Namespace, matmul_peak: float) -> dict[str, Any]:
+  """bench(name), falling back as the module doc says when --fallback is on."""
+  overrides: dict[str, Any] = {}
+  failed = []
+  while True:
+    try:
+      return dict(bench(name, args, matmul_peak, overrides), failed_attempts=failed)
+    except Exception as e:  # pylint: disable=broad-except - reported in the row, not lost
+      if not args.fallback:
+        raise
+      model = dataclasses.asdict(build_config(name, args).model) | overrides
+      error = f"{type(e).__name__}: {' '.join(str(e).split())}"[:500]
+      failed.append({"overrides": dict(overrides), "error": error})
+      print(f"{name} with {overrides or 'the defaults'} failed: {error}", file=sys.stderr)
+      step = next_variant(model, e)
+      if step is None:
+        return {"config": name, "error": error, "failed_attempts": failed}
+      overrides = overrides | step
+      gc.collect()   # the failed attempt's arrays, before the next one allocates its own
+
+
 def main(argv: list[str] | None = None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--configs", default="125m,1b", help=f"','-separated, of {sorted(CONFIGS)}")
@@ -160,7 +216,10 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--rounds", type=int, default=5)
   p.add_argument("--matmul_n", type=int, default=0,
                  help="size of the reference matmul (0: 8192 on accelerators, 1024 on CPU)")
-  p.add_argument("--out", default="", help="also write the JSON here")
+  p.add_argument("--fallback", type=int, default=1, choices=(0, 1),
+                 help="1: retry a failing config with more remat (out of memory) or XLA "
+                      "attention (other errors); 0: let the error end the command")
+  p.add_argument("--out", default="", help="also write the JSON here (after every config)")
   args = p.parse_args(argv)
   names = [n.strip() for n in args.configs.split(",") if n.strip()]
   unknown = sorted(set(names) - set(CONFIGS))
@@ -172,11 +231,16 @@ def main(argv: list[str] | None = None) -> dict:
   n = args.matmul_n or (1024 if on_cpu else 8192)
   t0 = time.time()
   matmul_peak = flops_lib.measure_matmul_peak(args.dtype, n=n)
-  results = [bench(name, args, matmul_peak) for name in names]
   report = {"machine": bench_common.machine_info(),
             "devices": [str(d) for d in jax.devices()], "command": " ".join(sys.argv),
             "args": vars(args), "matmul_peak_flops": {"n": n, "per_device": matmul_peak},
-            "results": results, "wall_s": round(time.time() - t0, 1)}
+            "results": []}
+  for name in names:
+    report["results"].append(run_config(name, args, matmul_peak))
+    report["wall_s"] = round(time.time() - t0, 1)
+    if args.out:   # what is finished survives a cut-off command
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
   bench_common.emit(report, args.out)
   return report
 

@@ -68,3 +68,66 @@ def test_accelerator_mfu_figures_follow_from_the_step_time_and_lmjax_flops():
   assert abs(r["final_loss"] - math.log(cfg.vocab_size)) < 1.0   # random tokens: ~ln V
   with pytest.raises(SystemExit, match="unknown --configs"):
     am.main(["--configs=7b"])
+
+
+TINY = ["--configs=tiny", "--steps=1", "--rounds=1", "--warmup=0", "--batch=8"]
+
+
+def test_accelerator_mfu_runs_on_the_gpu_image_without_lmjax_installed():
+  # The lent GPU machine has jax, flax, optax and orbax but none of lmjax's data, config or
+  # logging dependencies, and no network to install them: the script must not import them.
+  import subprocess
+  root = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+  # The command docs/performance.md gives for that machine, with Python's import log.
+  proc = subprocess.run([sys.executable, "-X", "importtime", "benchmarks/accelerator_mfu.py",
+                         "--help"], cwd=root, capture_output=True, text=True,
+                        env=dict(os.environ, PYTHONPATH=root), timeout=300)
+  assert proc.returncode == 0 and "--configs" in proc.stdout, proc.stderr[-2000:]
+  imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+              for line in proc.stderr.splitlines() if line.startswith("import time:")}
+  assert {"jax", "flax", "optax", "orbax", "lmjax"} <= imported   # the log is read right
+  absent = {"tensorflow_datasets", "grain", "ml_collections", "tensorboardX", "tensorflow",
+            "torch"}
+  assert not imported & absent, sorted(imported & absent)
+
+
+def test_accelerator_mfu_falls_back_to_xla_attention_when_the_kernel_fails(tmp_path):
+  # A real failure: cuDNN attention does not exist on CPU. The row comes from the retry
+  # with jax.nn's XLA attention and says what failed first.
+  import json
+
+  import accelerator_mfu as am
+  out = tmp_path / "mfu.json"
+  report = am.main(TINY + ["--attention=cudnn", f"--out={out}"])
+  (r,) = report["results"]
+  assert r["model"]["attention"] == am.XLA_ATTENTION and r["tokens_per_s"] > 0
+  (failed,) = r["failed_attempts"]
+  assert failed["overrides"] == {} and "cudnn" in failed["error"].lower()
+  assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
+  with pytest.raises(Exception, match="(?i)cudnn"):
+    am.main(TINY + ["--attention=cudnn", "--fallback=0"])
+
+
+def test_accelerator_mfu_adds_remat_when_out_of_memory_and_reports_total_failure(monkeypatch):
+  # Fault injection: device memory runs out unless the whole block is rematerialised.
+  import accelerator_mfu as am
+  real = am.bench
+
+  def tight_memory(name, args, peak, overrides=None):
+    if (overrides or {}).get("remat") != "full":
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.9GiB")
+    return real(name, args, peak, overrides)
+  monkeypatch.setattr(am, "bench", tight_memory)
+  (r,) = am.main(TINY)["results"]
+  assert r["model"]["remat"] == "full"
+  assert [f["overrides"] for f in r["failed_attempts"]] == [{}, {"remat": "dots"}]
+
+  def broken(name, args, peak, overrides=None):
+    raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+  monkeypatch.setattr(am, "bench", broken)
+  rows = am.main(["--configs=tiny,tiny"] + TINY[1:])["results"]
+  assert len(rows) == 2   # the second config still ran after the first failed every way
+  for row in rows:
+    assert "out of memory" in row["error"] and "tokens_per_s" not in row
+    assert [f["overrides"] for f in row["failed_attempts"]] == [
+        {}, {"remat": "dots"}, {"remat": "full"}]
