@@ -196,18 +196,19 @@ class _GroupPrograms(NamedTuple):
   take: Callable
 
 
-def _default_group_options(mesh: jax.sharding.Mesh, members_per_vmap: int | None) -> dict | None:
-  # The ynn option fixes vmapped reductions; a member at a time is the lone step's
-  # program, compiled as a lone step is.
-  return (cpu_compiler_options(mesh) if members_per_vmap == 1
-          else default_compiler_options(mesh))
-
-
-def _programs_key(cfg: Config, mesh: jax.sharding.Mesh, splits: int, size: int,
-                  members_per_vmap: int | None, compiler_options: dict | None) -> tuple:
-  """The lmjax.train.cached_programs key of a group's programs."""
-  return ("group", _cache_key(cfg, mesh, splits), size, members_per_vmap,
-          repr(compiler_options), make_group_step)
+def _resolve(cfgs: Sequence[Config], mesh: jax.sharding.Mesh, members_per_vmap: int | str | None,
+             compiler_options: dict | str | None) -> tuple[int | None, dict | None, tuple]:
+  """(members_per_vmap, compiler options, lmjax.train.cached_programs key) of a group."""
+  per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, len(cfgs))
+  if compiler_options == "default":
+    # The ynn option fixes vmapped reductions; a member at a time is the lone step's
+    # program, compiled as a lone step is.
+    compiler_options = (cpu_compiler_options(mesh) if per_vmap == 1
+                        else default_compiler_options(mesh))
+  cfg = cfgs[0]
+  key = ("group", _cache_key(cfg, mesh, cpu_splits(cfg, mesh)), len(cfgs), per_vmap,
+         repr(compiler_options), make_group_step)
+  return per_vmap, compiler_options, key
 
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, member: Trainer, size: int,
@@ -266,15 +267,13 @@ class GroupTrainer:
     check_groupable(cfgs)
     self.cfgs, self.mesh = list(cfgs), mesh
     self.size = len(self.cfgs)
-    self.members_per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, self.size)
-    cfg = self.cfgs[0]
-    if compiler_options == "default":
-      compiler_options = _default_group_options(mesh, self.members_per_vmap)
+    # The programs are shared with earlier groups of the same programs and size: a sweep's
+    # groups of one model size at several budgets (lr, warmup and length reach the step as
+    # hparams).
+    self.members_per_vmap, compiler_options, key = _resolve(cfgs, mesh, members_per_vmap,
+                                                            compiler_options)
     self.compiler_options = compiler_options
-    # Shared with earlier groups of the same programs and size: a sweep's groups of one
-    # model size at several budgets (lr, warmup and length reach the step as hparams).
-    key = _programs_key(cfg, mesh, cpu_splits(cfg, mesh), self.size, self.members_per_vmap,
-                        compiler_options)
+    cfg = self.cfgs[0]
     wait_for_ahead(key)   # its thread builds the member's programs below too
     # The lone trainer of member 0 supplies what members share: the optimizer (it leaves
     # out the lr, which comes in hparams), shardings, the init and the eval step. Its own
@@ -336,11 +335,8 @@ def compile_group_ahead(ahead, cfgs: Sequence[Config],
   group (their run will say why)."""
   try:
     check_groupable(cfgs)
-    cfg = cfgs[0]
-    mesh = sharding.make_mesh(cfg.mesh)
-    per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, len(cfgs))
-    key = _programs_key(cfg, mesh, cpu_splits(cfg, mesh), len(cfgs), per_vmap,
-                        _default_group_options(mesh, per_vmap))
+    mesh = sharding.make_mesh(cfgs[0].mesh)
+    key = _resolve(cfgs, mesh, members_per_vmap, "default")[2]
   except Exception:  # pylint: disable=broad-except - the run reports its own bad config
     return False
   return ahead.submit_programs(key, lambda: _compile_group(cfgs, mesh, members_per_vmap))
