@@ -80,6 +80,12 @@ def _splash_local(q_BHTd: jax.Array, k_BKTd: jax.Array, v_BKTd: jax.Array,
   return jax.vmap(kernel)(q_BHTd, k_BKTd, v_BKTd, *segs)
 
 
+def splash_interpret() -> bool:
+  """Whether splash runs in Pallas interpret mode: everywhere but on a TPU. (A test that
+  lowers the TPU program from a CPU turns it off.)"""
+  return jax.default_backend() != "tpu"
+
+
 def current_mesh() -> Any | None:
   """The mesh set with jax.set_mesh (abstract inside jit), or None outside any mesh."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -114,8 +120,7 @@ def splash_attention(q_BTHd: jax.Array, k_BTKd: jax.Array, v_BTKd: jax.Array,
   k = k_BTKd.astype(dtype).transpose(0, 2, 1, 3)                              # (B, K, T, Dh)
   v = v_BTKd.astype(dtype).transpose(0, 2, 1, 3)
   segs = () if segment_ids_BT is None else (segment_ids_BT.astype(jnp.int32),)
-  local = functools.partial(_splash_local, block=block,
-                            interpret=jax.default_backend() != "tpu")
+  local = functools.partial(_splash_local, block=block, interpret=splash_interpret())
 
   mesh = current_mesh()
   if mesh is None:

@@ -150,6 +150,31 @@ def test_sharded_splash_equals_unsharded_xla(mesh_sizes, n_heads, n_kv_heads, ex
   np.testing.assert_allclose(got, xla, rtol=1e-5, atol=1e-5)
 
 
+def test_tpu_train_step_lowers_with_the_real_splash_kernels(monkeypatch):
+  # No TPU here, but jax lowers for one from a CPU: lmjax's whole sharded train step (bf16,
+  # grouped-query splash attention inside shard_map, scanned blocks, remat) must become a
+  # TPU program whose attention is the compiled Mosaic kernels, not the interpreter the
+  # CPU tests run. Catches what only the TPU path traces: the kernel's own lowering rules,
+  # its block shapes and the shard_map around it.
+  from lmjax import attention_kernels, sharding
+  from lmjax.config import Config, OptimConfig, TrainConfig
+  from lmjax.train import Trainer, abstract_batch
+  cfg = Config(model=_cfg(attention="splash", dtype="bfloat16", n_heads=4, n_kv_heads=2,
+                          max_len=256, scan_layers=True, remat="dots"),
+               optim=OptimConfig(lr=1e-3), mesh=sharding.MeshConfig(data=2, fsdp=2, tensor=2),
+               train=TrainConfig(global_batch=8, seq_len=256, steps=10, progress=False))
+  mesh = sharding.make_mesh(cfg.mesh)
+  trainer = Trainer(cfg, mesh)
+  monkeypatch.setattr(attention_kernels, "splash_interpret", lambda: False)
+  with jax.set_mesh(mesh):
+    lowered = trainer.train_step.trace(trainer.abstract_state, abstract_batch(cfg, mesh),
+                                       trainer.hparams()).lower(lowering_platforms=("tpu",))
+  text = lowered.as_text()
+  # The scanned block's forward kernel, its remat recompute, and the backward's dq and dkv.
+  assert text.count("tpu_custom_call") == 4, text.count("tpu_custom_call")
+  assert "mhlo.num_partitions = 8" in text and "sdy.manual_computation" in text  # shard_map
+
+
 def test_splash_rejects_length_not_multiple_of_128():
   cfg = _cfg(attention="splash")
   with pytest.raises(ConfigError, match="multiple of 128") as e:
