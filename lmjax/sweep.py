@@ -320,7 +320,8 @@ def main(argv) -> None:
   _say(f"training finished in {time.time() - started:.0f}s: "
        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
        + (f"; the runs spent {compile_s:.1f}s of their {wall_s:.0f}s compiling "
-          f"({100 * compile_s / wall_s:.1f}%)" if wall_s else ""))
+          f"({100 * compile_s / wall_s:.1f}%), {3600 * len(trained) / wall_s:.0f} runs per "
+          "hour of their time" if wall_s else ""))
   if flags.FLAGS.skip_fit:
     return
   out_dir = os.path.join(workdir, "fit")

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import multiprocessing
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -254,6 +255,10 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
     db = sqlite3.connect(str(workdir / "manifest.sqlite"))
     rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s, malloc FROM runs"))
     assert len(rows) == 4 and all(r[1] == "done" and r[3] > 0 for r in rows), rows
+    # Runs per hour of the runs' own time (a group member's wall_s is its share).
+    per_hour = re.search(r", (\d+) runs per hour of their time", proc.stderr)
+    assert per_hour and int(per_hour[1]) == round(3600 * 4 / sum(r[3] for r in rows)), \
+        proc.stderr[-1000:]
     # The allocator the run trained on (its step times depend on it), lone or grouped.
     assert all(r[4] in ("mimalloc", "system") for r in rows), rows
     losses[group_size] = {r[0]: r[2] for r in rows}
