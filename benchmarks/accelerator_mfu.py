@@ -26,7 +26,8 @@ Everything is overridable; the report records the config that ran.
 A GPU is lent rarely, so one failure must not cost the session its figures. With
 --fallback=1 (the default) a config that fails is tried again, changed one step at a time:
 out of device memory, with more remat ("none" -> "dots" -> "full"); any other error (a
-fused-attention kernel that does not build, say), with jax.nn's XLA attention. Each row
+fused-attention kernel that does not build or runs out of its on-chip memory, a NaN loss),
+or out of memory at "full", with jax.nn's XLA attention. Each row
 lists its failed attempts and their errors; a config that fails every way gets a row with
 its error, and the other configs still run. With --out the JSON is rewritten after every
 config, so a command cut off by its time limit still leaves the configs it finished.
@@ -100,8 +101,13 @@ def _peak_memory() -> int | None:
   return max(peaks) if peaks and all(p is not None for p in peaks) else None
 
 
+_attempts = [0]   # bench() calls in this process so far
+
+
 def bench(name: str, args: argparse.Namespace, matmul_peak: float,
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  _attempts[0] += 1
+  first = _attempts[0] == 1
   cfg = build_config(name, args)
   if overrides:
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **overrides))
@@ -127,8 +133,8 @@ def bench(name: str, args: argparse.Namespace, matmul_peak: float,
     jax.block_until_ready((state, metrics))
     rounds.append((time.perf_counter() - t0) / args.steps)
   loss = float(metrics["loss"])
-  if not np.isfinite(loss):
-    raise SystemExit(f"{name}: the loss is {loss}; the figures would be meaningless")
+  if not np.isfinite(loss):   # e.g. a broken fused kernel: the ladder tries XLA attention
+    raise FloatingPointError(f"{name}: the loss is {loss}; the figures would be meaningless")
   step_s = statistics.median(rounds)
   tokens = cfg.train.global_batch * cfg.train.seq_len
   tokens_per_s = tokens / step_s
@@ -153,7 +159,11 @@ def bench(name: str, args: argparse.Namespace, matmul_peak: float,
       "mfu": round(achieved["matmul"] / spec_peak, 4),
       "mfu_6n": round(achieved["6N"] / spec_peak, 4),
       "mfu_vs_matmul_peak": round(achieved["matmul"] / (matmul_peak * n_dev), 4),
-      "peak_memory_bytes": _peak_memory(), "final_loss": loss,
+      "peak_memory_bytes": _peak_memory(),
+      # The device's peak is this process's high-water mark: after an earlier config or a
+      # failed attempt it may be theirs.
+      "peak_memory_is_this_runs_alone": first,
+      "final_loss": loss,
   }
 
 
@@ -161,19 +171,20 @@ REMAT_LADDER = ("none", "dots", "full")
 XLA_ATTENTION = "dot_product_attention"   # jax.nn's reference attention, plain XLA
 
 
-def _out_of_memory(e: BaseException) -> bool:
-  text = str(e)
-  return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+def _out_of_device_memory(e: BaseException) -> bool:
+  """True for the device's memory; a kernel's own on-chip memory (a TPU kernel's VMEM or
+  SMEM, a GPU kernel's shared memory) running out is the kernel's failure instead."""
+  text = str(e).lower()
+  on_chip = any(m in text for m in ("vmem", "smem", "shared memory"))
+  return not on_chip and ("resource_exhausted" in text or "out of memory" in text)
 
 
 def next_variant(model: dict[str, Any], e: BaseException) -> dict[str, Any] | None:
   """The model overrides to try after `model` (the failed attempt's ModelConfig fields)
-  failed with `e`, or None when nothing is left to try."""
-  if _out_of_memory(e):
-    i = REMAT_LADDER.index(model["remat"]) if model["remat"] in REMAT_LADDER else -1
-    if 0 <= i < len(REMAT_LADDER) - 1:
-      return {"remat": REMAT_LADDER[i + 1]}
-    return None
+  failed with `e`: more remat if the device ran out of memory, else (or once remat is
+  "full") jax.nn's XLA attention; None when nothing is left to try."""
+  if _out_of_device_memory(e) and model["remat"] in REMAT_LADDER[:-1]:
+    return {"remat": REMAT_LADDER[REMAT_LADDER.index(model["remat"]) + 1]}
   if model["attention"] != XLA_ATTENTION:
     return {"attention": XLA_ATTENTION}
   return None
@@ -194,10 +205,12 @@ def run_config(name: str, args: argparse.Namespace, matmul_peak: float) -> dict[
       failed.append({"overrides": dict(overrides), "error": error})
       print(f"{name} with {overrides or 'the defaults'} failed: {error}", file=sys.stderr)
       step = next_variant(model, e)
-      if step is None:
-        return {"config": name, "error": error, "failed_attempts": failed}
-      overrides = overrides | step
-      gc.collect()   # the failed attempt's arrays, before the next one allocates its own
+    if step is None:
+      return {"config": name, "error": error, "failed_attempts": failed}
+    overrides = overrides | step
+    # Out of the except block, the traceback no longer holds the failed attempt's frames:
+    # free its arrays before the next attempt allocates its own.
+    gc.collect()
 
 
 def main(argv: list[str] | None = None) -> dict:

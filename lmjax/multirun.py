@@ -206,8 +206,9 @@ def _resolve(cfgs: Sequence[Config], mesh: jax.sharding.Mesh, members_per_vmap: 
     compiler_options = (cpu_compiler_options(mesh) if per_vmap == 1
                         else default_compiler_options(mesh))
   cfg = cfgs[0]
+  # The builders' identities too, as in the lone key: a test that swaps one gets new programs.
   key = ("group", _cache_key(cfg, mesh, cpu_splits(cfg, mesh)), len(cfgs), per_vmap,
-         repr(compiler_options), make_group_step)
+         repr(compiler_options), make_group_step, _over_members, _build_programs)
   return per_vmap, compiler_options, key
 
 

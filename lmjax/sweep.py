@@ -196,7 +196,8 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
               if keys else [row])
       judged.update(r["id"] for r in rows)
       cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
-      if ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs):
+      queued = ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs)
+      if queued:
         return
   except Exception as e:  # noqa: BLE001 - e.g. a busy manifest: the runs compile as usual
     logging.warning("not compiling ahead: %s", e)

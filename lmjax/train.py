@@ -251,6 +251,17 @@ def step_temp_bytes(cfg: Config, tokens: int, pieces: int = 1) -> int:
   return 4 * (tokens * per_token + accumulator)
 
 
+def rows_per_device(cfg: Config, mesh: jax.sharding.Mesh) -> int:
+  """Rows of one grad-accumulation microbatch on one data-parallel shard; a ConfigError
+  unless the global batch divides evenly."""
+  dp = sharding.data_parallel_size(mesh)
+  require(cfg.train.global_batch % (dp * cfg.optim.grad_accum) == 0,
+          f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel "
+          f"size {dp} (mesh data*fsdp) x optim.grad_accum={cfg.optim.grad_accum}; use a "
+          f"multiple of {dp * cfg.optim.grad_accum}.", ConfigError)
+  return cfg.train.global_batch // (dp * cfg.optim.grad_accum)
+
+
 def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh, malloc: str | None = None) -> int:
   """Sequential pieces per grad-accumulation microbatch: 1 off CPU, cfg.train.cpu_splits if
   set, else auto, among the divisors of the per-device rows that leave pieces of at least
@@ -264,9 +275,9 @@ def cpu_splits(cfg: Config, mesh: jax.sharding.Mesh, malloc: str | None = None) 
   With model.scan_layers the pieces must have CPU_MIN_SCAN_PIECE_TOKENS ('baby' at any
   depth: 1; 'small': 4).
   """
+  rows = rows_per_device(cfg, mesh)
   if not sharding.is_cpu(mesh):
     return 1
-  rows = cfg.train.global_batch // (sharding.data_parallel_size(mesh) * cfg.optim.grad_accum)
   if cfg.train.cpu_splits:
     require(rows % cfg.train.cpu_splits == 0,
             f"train.cpu_splits={cfg.train.cpu_splits} does not divide the {rows} rows per device "
@@ -432,12 +443,7 @@ class Trainer:
 
   def __init__(self, cfg: Config, mesh: jax.sharding.Mesh):
     self.cfg, self.mesh = cfg, mesh
-    dp = sharding.data_parallel_size(mesh)
-    require(cfg.train.global_batch % (dp * cfg.optim.grad_accum) == 0,
-            f"train.global_batch={cfg.train.global_batch} is not divisible by the data-parallel "
-            f"size {dp} (mesh data*fsdp) x optim.grad_accum={cfg.optim.grad_accum}; use a "
-            f"multiple of {dp * cfg.optim.grad_accum}.", ConfigError)
-    self.splits = cpu_splits(cfg, mesh)
+    self.splits = cpu_splits(cfg, mesh)   # checks that the batch divides over the mesh
     self.total_steps = cfg.total_steps()
     make_schedule(cfg.optim, self.total_steps)  # checks warmup and decay fit this run
     self.lr_scale = 1.0  # lowered by rollbacks

@@ -157,18 +157,21 @@ def test_tpu_train_step_lowers_with_the_real_splash_kernels(monkeypatch):
   # CPU tests run. Catches what only the TPU path traces: the kernel's own lowering rules,
   # its block shapes and the shard_map around it.
   from lmjax import attention_kernels, sharding
+  from lmjax import train as train_lib
   from lmjax.config import Config, OptimConfig, TrainConfig
-  from lmjax.train import Trainer, abstract_batch
   cfg = Config(model=_cfg(attention="splash", dtype="bfloat16", n_heads=4, n_kv_heads=2,
                           max_len=256, scan_layers=True, remat="dots"),
                optim=OptimConfig(lr=1e-3), mesh=sharding.MeshConfig(data=2, fsdp=2, tensor=2),
                train=TrainConfig(global_batch=8, seq_len=256, steps=10, progress=False))
   mesh = sharding.make_mesh(cfg.mesh)
-  trainer = Trainer(cfg, mesh)
+  trainer = train_lib.Trainer(cfg, mesh)
+  # A train step of its own, outside the shared program cache: jax keeps each jitted
+  # function's traces, and this one's (with TPU kernels) must reach no CPU run.
+  step = train_lib._build_programs(cfg, mesh, trainer.splits).train_step
   monkeypatch.setattr(attention_kernels, "splash_interpret", lambda: False)
   with jax.set_mesh(mesh):
-    lowered = trainer.train_step.trace(trainer.abstract_state, abstract_batch(cfg, mesh),
-                                       trainer.hparams()).lower(lowering_platforms=("tpu",))
+    lowered = step.trace(trainer.abstract_state, train_lib.abstract_batch(cfg, mesh),
+                         trainer.hparams()).lower(lowering_platforms=("tpu",))
   text = lowered.as_text()
   # The scanned block's forward kernel, its remat recompute, and the backward's dq and dkv.
   assert text.count("tpu_custom_call") == 4, text.count("tpu_custom_call")

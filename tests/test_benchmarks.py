@@ -103,6 +103,7 @@ def test_accelerator_mfu_falls_back_to_xla_attention_when_the_kernel_fails(tmp_p
   assert r["model"]["attention"] == am.XLA_ATTENTION and r["tokens_per_s"] > 0
   (failed,) = r["failed_attempts"]
   assert failed["overrides"] == {} and "cudnn" in failed["error"].lower()
+  assert r["peak_memory_is_this_runs_alone"] is False   # the failed attempt ran first
   assert json.loads(out.read_text())["results"] == json.loads(json.dumps(report["results"]))
   with pytest.raises(Exception, match="(?i)cudnn"):
     am.main(TINY + ["--attention=cudnn", "--fallback=0"])
@@ -127,7 +128,22 @@ def test_accelerator_mfu_adds_remat_when_out_of_memory_and_reports_total_failure
   monkeypatch.setattr(am, "bench", broken)
   rows = am.main(["--configs=tiny,tiny"] + TINY[1:])["results"]
   assert len(rows) == 2   # the second config still ran after the first failed every way
-  for row in rows:
+  for row in rows:   # more remat, then XLA attention, then nothing is left to try
     assert "out of memory" in row["error"] and "tokens_per_s" not in row
     assert [f["overrides"] for f in row["failed_attempts"]] == [
-        {}, {"remat": "dots"}, {"remat": "full"}]
+        {}, {"remat": "dots"}, {"remat": "full"},
+        {"remat": "full", "attention": am.XLA_ATTENTION}]
+
+
+def test_accelerator_mfu_tells_device_memory_from_a_kernels_own():
+  import accelerator_mfu as am
+  splash = {"remat": "none", "attention": "splash"}
+  device = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12GiB")
+  vmem = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory in memory space vmem")
+  assert am.next_variant(splash, device) == {"remat": "dots"}
+  assert am.next_variant(splash, vmem) == {"attention": am.XLA_ATTENTION}   # the kernel's
+  assert am.next_variant(splash, FloatingPointError("the loss is nan")) == {
+      "attention": am.XLA_ATTENTION}
+  assert am.next_variant({"remat": "full", "attention": "splash"}, device) == {
+      "attention": am.XLA_ATTENTION}
+  assert am.next_variant({"remat": "full", "attention": am.XLA_ATTENTION}, device) is None

@@ -134,3 +134,14 @@ def test_batch_not_divisible_by_data_parallel_size_is_one_line():
   with pytest.raises(ConfigError, match="not divisible by the data-parallel size 8") as e:
     Trainer(cfg, make_mesh(MeshConfig(data=8)))
   assert "\n" not in str(e.value)
+  # Fewer rows than devices, alone or as a group, set splits or not: the same line (a group
+  # once met it as an IndexError from the CPU splits rule, which now checks first).
+  from lmjax.multirun import GroupTrainer
+  mesh = make_mesh(MeshConfig(data=8))
+  for splits in (0, 2):
+    tiny = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, global_batch=4,
+                                                              cpu_splits=splits))
+    for build in (lambda c: Trainer(c, mesh), lambda c: GroupTrainer([c, c], mesh)):
+      with pytest.raises(ConfigError, match="global_batch=4 is not divisible by the "
+                         "data-parallel size 8"):
+        build(tiny)
