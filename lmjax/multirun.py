@@ -345,14 +345,16 @@ def compile_group_ahead(ahead, cfgs: Sequence[Config],
 
 def _compile_group(cfgs: Sequence[Config], mesh: jax.sharding.Mesh, members_per_vmap) -> None:
   group = GroupTrainer(cfgs, mesh, members_per_vmap=members_per_vmap)
-  cfg, K = cfgs[0], group.size
+  K = group.size
+  batch_BT = abstract_batch(cfgs[0], mesh)   # the eval batch; each member's train batch
+  batch_KBT = {k: jax.ShapeDtypeStruct((K, *v.shape), v.dtype, sharding=group.batch_sharding)
+               for k, v in batch_BT.items()}
   with jax.set_mesh(mesh):
     group.member._init.lower(jax.random.key(0)).compile()  # pylint: disable=protected-access
     group._stack.lower(*[group.member.abstract_state] * K).compile()
-    group.train_step.lower(group.abstract_state,
-                           abstract_batch(cfg, mesh, (K,), group.batch_sharding),
+    group.train_step.lower(group.abstract_state, batch_KBT,
                            dict(group._hparams, skip=np.zeros(K, bool))).compile()
-    group.eval_step.lower(group.abstract_state["params"], abstract_batch(cfg, mesh)).compile()
+    group.eval_step.lower(group.abstract_state["params"], batch_BT).compile()
     group._take.lower(group.abstract_state, np.int32(0)).compile()
 
 

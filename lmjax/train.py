@@ -566,14 +566,11 @@ def _compile_lone(cfg: Config, mesh: jax.sharding.Mesh) -> None:
     trainer.eval_step.lower(trainer.abstract_state["params"], batch).compile()
 
 
-def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh, lead: tuple[int, ...] = (),
-                   batch_sharding: jax.sharding.Sharding | None = None) -> dict:
-  """The shapes, dtypes and sharding of the batches train() feeds (its first one), with
-  `lead` axes in front (a group's K)."""
+def abstract_batch(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
+  """The shapes, dtypes and sharding of the batches train() feeds (its first one)."""
   local = data_lib.make_pipeline(cfg.data, seq_len=cfg.train.seq_len,
                                  global_batch=cfg.train.global_batch).next()
-  return {k: jax.ShapeDtypeStruct((*lead, *v.shape), v.dtype,
-                                  sharding=batch_sharding or sharding.batch_sharding(mesh))
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
           for k, v in local.items()}
 
 
