@@ -368,9 +368,11 @@ def test_sharded_group_equals_the_single_device_group(members_per_vmap):
     # Really laid out over the 8 devices: some weights are split, not just replicated.
     assert any(not x.sharding.is_fully_replicated for x in leaves) == (mesh.size == 8)
     params.append(jax.device_get(state_K["params"]))
-  # Sharded matmuls reduce in another order: float rounding only. Another member's
-  # parameters differ from these by orders of magnitude more.
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), *params)
+  # Sharded matmuls reduce in another order: float rounding only, which Adam can blow up to
+  # ~2e-6 in a rare token's near-zero embedding gradient (jax 0.11.2 did, at [2, 150, 30]):
+  # hence atol 1e-5, as in _assert_same_run. Another member's parameters differ from these
+  # by orders of magnitude more.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5), *params)
   first = jax.tree.leaves(params[0])[0]
   assert not np.allclose(first[0], first[1], rtol=1e-3)
 
