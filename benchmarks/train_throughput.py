@@ -14,6 +14,9 @@ as the ratio of each side's fastest round, which neighbours cannot inflate.
   PYTHONPATH=. python benchmarks/train_throughput.py                       # ~5 minutes
   PYTHONPATH=. python benchmarks/train_throughput.py --configs=small --dtypes=float32 \
       --variants='default;attention=dot_product_attention' --out=/tmp/bench.json
+  # lmjax on other jax versions (each venv with lmjax's dependencies), in the same rounds:
+  PYTHONPATH=. python benchmarks/train_throughput.py \
+      --lmjax_python=.venv/bin/python,/path/to/py312-venv/bin/python
 
 torch is the optional `bench` extra (pip install -e .[bench]); without it only lmjax runs.
 """
@@ -23,6 +26,7 @@ import argparse
 import dataclasses
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -310,7 +314,10 @@ def _serve(conn, kind: str, args: tuple) -> None:
     return
   conn.send((True, None))
   while True:
-    method, call_args = conn.recv()
+    try:
+      method, call_args = conn.recv()
+    except EOFError:  # the parent is gone
+      return
     if method == "stop":
       return
     try:
@@ -318,6 +325,8 @@ def _serve(conn, kind: str, args: tuple) -> None:
         value = runner.last_loss
       elif method == "malloc":  # this worker's, which --malloc chose when it started
         value = allocator.current()
+      elif method == "versions":
+        value = versions()
       else:
         value = getattr(runner, method)(*call_args)
       conn.send((True, value))
@@ -325,12 +334,20 @@ def _serve(conn, kind: str, args: tuple) -> None:
       conn.send((False, f"{type(e).__name__}: {e}"))
 
 
-def _set_env(env: dict[str, str | None]) -> None:
-  for k, v in env.items():
-    if v is None:
-      os.environ.pop(k, None)
-    else:
-      os.environ[k] = v
+def versions() -> dict[str, str | None]:
+  """The interpreter's and frameworks' versions of this process (its worker's, if isolated)."""
+  from importlib import metadata
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": metadata.version("jaxlib"), "flax": metadata.version("flax"),
+          "torch": torch.__version__ if torch is not None else None}
+
+
+def _worker_main(fd: int) -> None:
+  """A worker's entry (IsolatedRunner starts this script with --_worker_fd)."""
+  from multiprocessing.connection import Connection
+  conn = Connection(fd)
+  kind, args = conn.recv()
+  _serve(conn, kind, args)
 
 
 def worker_env(kind: str, malloc: str) -> dict[str, str | None]:
@@ -357,31 +374,53 @@ class IsolatedRunner:
   on 'small' f32, lmjax's rounds alternated with torch's took 1125-1793 tokens/s, against
   1632-1939 alone, while torch ran 1300-1702 alone. Nobody trains with both frameworks in
   one process, so each gets its own; the rounds still alternate, and a worker waiting for
-  its turn sleeps in a pipe read.
+  its turn sleeps in a socket read.
+
+  The worker is this script run by `python` (default: this interpreter), another venv's
+  interpreter included (--lmjax_python: lmjax on another jax, timed in the same rounds).
+  That is why it is a plain subprocess talking over a socketpair and not a multiprocessing
+  spawn, which would hand the child this interpreter's sys.path. `env` holds the changes
+  to this process's environment that the worker starts with (None removes a variable).
   """
 
-  def __init__(self, kind: str, *args, env: dict[str, str | None] | None = None):
-    import multiprocessing
-    ctx = multiprocessing.get_context("spawn")
-    self.conn, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_serve, args=(child, kind, args), daemon=True)
-    saved = {k: os.environ.get(k) for k in env or {}}
-    try:  # the spawned interpreter inherits os.environ: LD_PRELOAD picks its allocator
-      _set_env(env or {})
-      self.proc.start()
+  def __init__(self, kind: str, *args, env: dict[str, str | None] | None = None,
+               python: str | None = None):
+    import socket
+    import subprocess
+    from multiprocessing.connection import Connection
+    self.python = python or sys.executable
+    child_env = dict(os.environ)
+    for k, v in (env or {}).items():
+      if v is None:
+        child_env.pop(k, None)
+      else:
+        child_env[k] = v
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child_env["PYTHONPATH"] = os.pathsep.join(
+        [root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    ours, theirs = socket.socketpair()
+    try:
+      self.proc = subprocess.Popen(
+          [self.python, os.path.abspath(__file__), f"--_worker_fd={theirs.fileno()}"],
+          env=child_env, pass_fds=(theirs.fileno(),))
     finally:
-      _set_env(saved)
-    self._answer()
+      theirs.close()
+    self.conn = Connection(ours.detach())
+    self._exchange((kind, args))
 
-  def _answer(self):
-    ok, value = self.conn.recv()
+  def _exchange(self, request):
+    try:
+      self.conn.send(request)
+      ok, value = self.conn.recv()
+    except (EOFError, OSError):  # it died: its own traceback is on stderr above
+      raise RuntimeError(f"the worker ({self.python}) exited with code {self.proc.wait()} "
+                         "before answering; its stderr above says why") from None
     if not ok:
       raise RuntimeError(value)
     return value
 
   def _call(self, method: str, *args):
-    self.conn.send((method, args))
-    return self._answer()
+    return self._exchange((method, args))
 
   def first_step(self) -> float:
     return self._call("first_step")
@@ -397,9 +436,15 @@ class IsolatedRunner:
   def malloc(self) -> str:
     return self._call("malloc")
 
+  def versions(self) -> dict[str, str | None]:
+    return self._call("versions")
+
   def close(self) -> None:
-    self.conn.send(("stop", ()))
-    self.proc.join(timeout=30)
+    try:
+      self.conn.send(("stop", ()))
+    except OSError:  # already gone
+      pass
+    self.proc.wait(timeout=30)
 
 
 # ------------------------------------------------------------------------------ benchmark
@@ -410,7 +455,7 @@ make_batches = bench_common.make_batches   # step_ab.py and the tests call it he
 def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: int,
               adamw_impl: str, torch_threads: list[int], peaks: dict,
               isolate: bool = True, warm_steps: int = 1,
-              malloc: str = "lmjax") -> dict[str, Any]:
+              malloc: str = "lmjax", lmjax_pythons: tuple[str, ...] = ()) -> dict[str, Any]:
   shape = CONFIGS[name]
   tokens_per_step = shape["batch"] * shape["seq_len"]
   batches = make_batches(shape)
@@ -418,16 +463,18 @@ def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: in
   compile_s: dict[str, float] = {}
   model_cfgs: dict[str, ModelConfig] = {}
 
-  def make(kind, *args):
+  def make(kind, *args, python=None):
     if isolate:
-      return IsolatedRunner(kind, *args, env=worker_env(kind, malloc))
+      return IsolatedRunner(kind, *args, env=worker_env(kind, malloc), python=python)
     return LmjaxRunner(*args) if kind == "lmjax" else TorchRunner(*args)
 
   for v in variants:
-    label = f"lmjax[{v}]" if len(variants) > 1 else "lmjax"
-    model_cfgs[label] = model_config(shape, dtype, parse_overrides(v))
-    runners[label] = make("lmjax", shape, dtype, parse_overrides(v), batches)
-    compile_s[label] = runners[label].first_step()
+    for py in lmjax_pythons or (None,):
+      tags = ([v] if len(variants) > 1 else []) + ([f"python={py}"] if py else [])
+      label = f"lmjax[{', '.join(tags)}]" if tags else "lmjax"
+      model_cfgs[label] = model_config(shape, dtype, parse_overrides(v))
+      runners[label] = make("lmjax", shape, dtype, parse_overrides(v), batches, python=py)
+      compile_s[label] = runners[label].first_step()
   base_mc = model_config(shape, dtype, {})
   torch_labels = []
   if torch is not None:
@@ -486,6 +533,8 @@ def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: in
         "final_loss": runners[label].last_loss,
         "malloc": (runners[label].malloc if isinstance(runners[label], IsolatedRunner)
                    else allocator.current()),
+        "versions": (runners[label].versions() if isinstance(runners[label], IsolatedRunner)
+                     else versions()),
     }
     results[label] = res
   best_torch = None
@@ -547,6 +596,12 @@ def main(argv: list[str] | None = None) -> dict:
                       "worker on mimalloc, as lmjax's command lines (lmjax/allocator.py; "
                       "LMJAX_MALLOC=system keeps glibc's), torch on glibc's malloc; system: "
                       "both on glibc's; mimalloc: both on mimalloc. Needs process isolation.")
+  p.add_argument("--lmjax_python", default="",
+                 help="comma list of Python interpreters (another venv's bin/python, with "
+                      "lmjax's dependencies on another jax, say), each running its own "
+                      "lmjax worker in the same alternated rounds as torch; default: this "
+                      "interpreter only. MFU uses the peaks this interpreter's jax measures. "
+                      "Needs process isolation.")
   p.add_argument("--out", default="", help="also write the JSON here")
   args = p.parse_args(argv)
 
@@ -561,6 +616,15 @@ def main(argv: list[str] | None = None) -> dict:
   if args.isolation == "none" and args.malloc != "lmjax":
     raise SystemExit("--malloc needs --isolation=process: a process's allocator is fixed "
                      "when it starts")
+  lmjax_pythons = tuple(x for x in args.lmjax_python.split(",") if x)
+  if lmjax_pythons and args.isolation == "none":
+    raise SystemExit("--lmjax_python needs --isolation=process: a worker process runs each "
+                     "interpreter")
+  for py in lmjax_pythons:
+    if not (os.path.isfile(py) and os.access(py, os.X_OK)):
+      raise SystemExit(f"--lmjax_python: {py!r} is not an executable file; give a Python "
+                       "interpreter whose environment has lmjax's dependencies, e.g. "
+                       "/path/to/venv/bin/python")
   if args.warm_steps < 0 or args.steps < 0 or args.rounds < 1:
     raise SystemExit("--warm_steps and --steps must be >= 0 and --rounds >= 1")
   variants = args.variants.split(";")
@@ -577,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
       steps = args.steps or CONFIGS[name]["steps"]
       runs.append(bench_one(name, dtype, variants, steps, args.rounds, args.torch_adamw,
                             torch_threads, peaks_start, args.isolation == "process",
-                            args.warm_steps, args.malloc))
+                            args.warm_steps, args.malloc, lmjax_pythons))
       print(f"# {name} {dtype}: " + ", ".join(
           f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in runs[-1]["results"].items()),
             file=sys.stderr, flush=True)
@@ -603,4 +667,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  if len(sys.argv) == 2 and sys.argv[1].startswith("--_worker_fd="):
+    _worker_main(int(sys.argv[1].split("=", 1)[1]))
+  else:
+    main()

@@ -37,6 +37,43 @@ def test_xla_variant_compiles_with_its_option_and_restores_the_defaults():
   assert train_lib.CPU_STEP_COMPILER_OPTIONS == before
 
 
+def test_isolated_worker_trains_lmjax_under_the_interpreter_it_is_given(tmp_path):
+  # --lmjax_python runs the lmjax worker under another venv's interpreter. CI has one
+  # Python, so the "other" interpreter is a wrapper that leaves a mark and execs this one:
+  # the mark shows the given path started the worker, the loss that it trained lmjax.
+  shape = dict(tt.CONFIGS["baby"], n_layers=1, batch=4)
+  batches = tt.make_batches(shape, n=2)
+  here = tt.LmjaxRunner(shape, "float32", {}, batches)
+  here.run(3)
+  mark = tmp_path / "mark"
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\necho "$@" >> {mark}\nexec {sys.executable} "$@"\n')
+  python.chmod(0o755)
+  worker = tt.IsolatedRunner("lmjax", shape, "float32", {}, batches, python=str(python))
+  try:
+    worker.run(3)
+    assert worker.last_loss == pytest.approx(here.last_loss, rel=1e-6)
+    assert worker.versions() == tt.versions()
+  finally:
+    worker.close()
+  assert worker.proc.returncode == 0
+  assert "--_worker_fd=" in mark.read_text()
+
+
+def test_a_worker_that_dies_is_one_error_not_a_hang(tmp_path):
+  dies = tmp_path / "python"
+  dies.write_text("#!/bin/sh\nexit 3\n")
+  dies.chmod(0o755)
+  shape = dict(tt.CONFIGS["baby"], n_layers=1, batch=4)
+  with pytest.raises(RuntimeError, match="exited with code 3 before answering"):
+    tt.IsolatedRunner("lmjax", shape, "float32", {}, tt.make_batches(shape, n=1),
+                      python=str(dies))
+  with pytest.raises(SystemExit, match="'/no/such/python' is not an executable file"):
+    tt.main(["--lmjax_python=/no/such/python"])
+  with pytest.raises(SystemExit, match="needs --isolation=process"):
+    tt.main([f"--lmjax_python={sys.executable}", "--isolation=none"])
+
+
 def test_accelerator_mfu_figures_follow_from_the_step_time_and_lmjax_flops():
   # The H100 script's CPU smoke run: every simulated device on the data axis, one row each;
   # its MFU must be lmjax.flops' count x tokens/s over the peak, all from the same step time.
