@@ -620,6 +620,8 @@ def main(argv: list[str] | None = None) -> dict:
   if lmjax_pythons and args.isolation == "none":
     raise SystemExit("--lmjax_python needs --isolation=process: a worker process runs each "
                      "interpreter")
+  if len(set(lmjax_pythons)) < len(lmjax_pythons):
+    raise SystemExit(f"--lmjax_python names an interpreter twice: {args.lmjax_python!r}")
   for py in lmjax_pythons:
     if not (os.path.isfile(py) and os.access(py, os.X_OK)):
       raise SystemExit(f"--lmjax_python: {py!r} is not an executable file; give a Python "

@@ -70,6 +70,8 @@ def test_a_worker_that_dies_is_one_error_not_a_hang(tmp_path):
                       python=str(dies))
   with pytest.raises(SystemExit, match="'/no/such/python' is not an executable file"):
     tt.main(["--lmjax_python=/no/such/python"])
+  with pytest.raises(SystemExit, match="names an interpreter twice"):
+    tt.main([f"--lmjax_python={sys.executable},{sys.executable}"])
   with pytest.raises(SystemExit, match="needs --isolation=process"):
     tt.main([f"--lmjax_python={sys.executable}", "--isolation=none"])
 
