@@ -71,6 +71,7 @@ from lmjax import allocator
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
+from lmjax import provenance
 from lmjax import sharding
 from lmjax.compile_clock import CompileClock
 from lmjax.config import Config
@@ -624,6 +625,7 @@ def _run_group(cfgs, workdirs, mesh, start: int, restored: list | None, *, membe
         "status": "diverged" if m.diverged else "done", "reason": m.diverged,
         "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,
         "members_per_vmap": group.members_per_vmap, "malloc": allocator.current(),
+        "software": provenance.software(),
     })
   return results
 

@@ -58,6 +58,7 @@ def _results(summary: dict, run_dir: str) -> dict:
           "final_eval_loss": summary["final_eval_loss"],
           "best_eval_loss": min(evals) if evals else None, "wall_s": summary.get("wall_s"),
           "compile_s": summary.get("compile_s"), "malloc": summary.get("malloc"),
+          "software": summary.get("software"),
           "metrics_path": os.path.join(run_dir, "metrics.jsonl")}
 
 
@@ -260,6 +261,7 @@ def fit_sweep(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfi
       "train_wall_s": sum(r["wall_s"] or 0 for r in rows),
       "compile_s": sum(r["compile_s"] or 0 for r in rows),
       "malloc": sorted({r["malloc"] for r in rows if r.get("malloc")}),
+      "software": sorted({r["software"] for r in rows if r.get("software")}),
   }
   _add_known_floor(report, sweep)
   fit_lib.write_report(report, out_dir)
@@ -323,12 +325,30 @@ def main(argv) -> None:
        + (f"; the runs spent {compile_s:.1f}s of their {wall_s:.0f}s compiling "
           f"({100 * compile_s / wall_s:.1f}%), {3600 * len(trained) / wall_s:.0f} runs per "
           "hour of their time" if wall_s else ""))
+  note = mixed_software_note(manifest.rows(ids))
+  if note:
+    _say(note)
   if flags.FLAGS.skip_fit:
     return
   out_dir = os.path.join(workdir, "fit")
   report = fit_sweep(manifest, ids, sweep, out_dir)
   _say(f"fit written to {out_dir}/report.md")
   print(_headline(report))
+
+
+def mixed_software_note(rows: list[dict]) -> str | None:
+  """A warning when the sweep's finished runs trained on different software versions
+  (lmjax/provenance.py), say after an upgrade between a sweep's first and later runs."""
+  seen: dict[str, int] = {}
+  for r in rows:
+    if r.get("software"):
+      seen[r["software"]] = seen.get(r["software"], 0) + 1
+  if len(seen) < 2:
+    return None
+  listed = "; ".join(f"{n} on {s}" for s, n in sorted(seen.items(), key=lambda x: -x[1]))
+  return (f"note: this sweep's runs trained on {len(seen)} software versions ({listed}); "
+          "another XLA rounds differently, so compare losses within one (the manifest's "
+          "software column) or rerun the rest in a new --workdir")
 
 
 def _headline(report: dict) -> str:

@@ -37,6 +37,7 @@ from lmjax import allocator
 from lmjax import checkpoint as ckpt_lib
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
+from lmjax import provenance
 from lmjax import sharding
 from lmjax.compile_clock import CompileClock, is_off_the_clock, off_the_clock, record_wait
 from lmjax.config import Config
@@ -758,6 +759,7 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
       "compile_s": clock.seconds, "first_step_s": first_step_s,
       "skipped_steps": len(skips), "rollbacks": rollbacks,
       "malloc": allocator.current(),  # it moves CPU step times ~10% (lmjax/allocator.py)
+      "software": provenance.software(),
   }
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
+from lmjax import provenance
+from lmjax import sweep as sweep_lib
 from lmjax.errors import ConfigError
 from lmjax.preemption import EXIT_REQUEUE
 from lmjax.scaling import manifest as manifest_lib
@@ -121,11 +123,11 @@ def test_concurrent_claimers_run_each_run_exactly_once(tmp_path):
 
 
 def test_manifest_from_older_code_gains_new_columns(tmp_path):
-  # A manifest written before the malloc column existed: opening it adds the column (NULL
-  # for its runs), twice is harmless, and its runs finish with the new field.
+  # A manifest written before the malloc and software columns existed: opening it adds them
+  # (NULL for its runs), twice is harmless, and its runs finish with the new fields.
   path = str(tmp_path / "manifest.sqlite")
   old_schema = manifest_lib._SCHEMA   # the first schema; later columns are _ADDED_COLUMNS
-  assert "malloc" not in old_schema
+  assert "malloc" not in old_schema and "software" not in old_schema
   db = sqlite3.connect(path)
   db.executescript(old_schema)
   db.execute("INSERT INTO runs (id, budget, config, n_params, planned_tokens, planned_flops) "
@@ -134,11 +136,23 @@ def test_manifest_from_older_code_gains_new_columns(tmp_path):
   db.close()
   for _ in range(2):
     m = manifest_lib.Manifest(path)
-    assert m.rows()[0]["malloc"] is None and m.rows()[0]["id"] == "r1"
+    row = m.rows()[0]
+    assert row["malloc"] is None and row["software"] is None and row["id"] == "r1"
     m.close()
   m = manifest_lib.Manifest(path)
-  m.finish("r1", status="done", final_eval_loss=2.5, malloc="system")
-  assert (m.rows()[0]["status"], m.rows()[0]["malloc"]) == ("done", "system")
+  m.finish("r1", status="done", final_eval_loss=2.5, malloc="system", software="python 3.11")
+  row = m.rows()[0]
+  assert (row["status"], row["malloc"], row["software"]) == ("done", "system", "python 3.11")
+
+
+def test_sweep_says_when_its_runs_trained_on_different_software():
+  old, new = "python 3.11.7, jax 0.10.2", "python 3.12.1, jax 0.12.0.1"
+  rows = [{"software": old}, {"software": new}, {"software": new}, {"software": None}]
+  note = sweep_lib.mixed_software_note(rows)
+  assert note.startswith("note: this sweep's runs trained on 2 software versions "
+                         f"(2 on {new}; 1 on {old})"), note
+  assert sweep_lib.mixed_software_note(rows[1:]) is None   # one version (and an unknown)
+  assert sweep_lib.mixed_software_note([]) is None
 
 
 def test_dead_owner_is_reclaimed(tmp_path):
@@ -253,7 +267,8 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
     assert "compiled 1 model size(s) or group(s) ahead of their runs" in proc.stderr, \
         proc.stderr[-2000:]
     db = sqlite3.connect(str(workdir / "manifest.sqlite"))
-    rows = list(db.execute("SELECT id, status, final_eval_loss, wall_s, malloc FROM runs"))
+    rows = list(db.execute(
+        "SELECT id, status, final_eval_loss, wall_s, malloc, software FROM runs"))
     assert len(rows) == 4 and all(r[1] == "done" and r[3] > 0 for r in rows), rows
     # Runs per hour of the runs' own time (a group member's wall_s is its share).
     per_hour = re.search(r", (\d+) runs per hour of their time", proc.stderr)
@@ -261,6 +276,9 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
         proc.stderr[-1000:]
     # The allocator the run trained on (its step times depend on it), lone or grouped.
     assert all(r[4] in ("mimalloc", "system") for r in rows), rows
+    # And the software it trained on: this interpreter's, so no mixed-versions note.
+    assert {r[5] for r in rows} == {provenance.software()}, rows
+    assert "software versions" not in proc.stderr
     losses[group_size] = {r[0]: r[2] for r in rows}
     for rid in losses[group_size]:
       events = workdir / "runs" / rid / "events.jsonl"  # lone runs write it only on events
@@ -275,7 +293,6 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
 def test_drain_books_each_group_member_by_its_own_outcome(tmp_path, monkeypatch):
   # Bookkeeping only (run_group is replaced): a claim takes a run plus its replicas (same
   # group key, up to group_size), and each member's row gets its own status and results.
-  from lmjax import sweep as sweep_lib
   from lmjax.preemption import StopFlag
   sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=2, seeds=3,
                               group_size=2)

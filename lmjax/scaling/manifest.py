@@ -48,8 +48,8 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 # (name, type) of the runs columns added after the first schema, to new and old manifests
 # alike when they are opened: the allocator a run trained on, which moves CPU step times
-# ~10% (lmjax/allocator.py).
-_ADDED_COLUMNS = (("malloc", "TEXT"),)
+# ~10% (lmjax/allocator.py), and the software versions (lmjax/provenance.py).
+_ADDED_COLUMNS = (("malloc", "TEXT"), ("software", "TEXT"))
 
 
 def owner_id() -> str:
