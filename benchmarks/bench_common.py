@@ -14,6 +14,7 @@ import numpy as np
 from lmjax import allocator
 from lmjax import config as config_lib
 from lmjax import flops as flops_lib
+from lmjax import provenance
 from lmjax.config import Config
 from lmjax.scaling.plan import SweepConfig, plan
 
@@ -31,20 +32,15 @@ def machine_info() -> dict[str, Any]:
           flags = line.split(":", 1)[1].split()
   except OSError:
     pass
-  import flax
-  import optax
   return {
       "cpu": cpu or platform.machine(),
       "cores": os.cpu_count(),
       "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "isa": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma")),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
+      **provenance.versions(),   # python, jax, jaxlib, flax, optax, orbax-checkpoint
       "jax_backend": jax.default_backend(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "malloc": allocator.current(),  # this process's; lmjax's CLIs run on mimalloc
-      "flax": flax.__version__,
-      "optax": optax.__version__,
   }
 
 

@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +36,7 @@ import jax
 
 from lmjax import allocator
 from lmjax import flops as flops_lib
+from lmjax import provenance
 from lmjax import sharding
 from lmjax.config import Config, TrainConfig
 from lmjax.model import ModelConfig
@@ -336,10 +336,7 @@ def _serve(conn, kind: str, args: tuple) -> None:
 
 def versions() -> dict[str, str | None]:
   """The interpreter's and frameworks' versions of this process (its worker's, if isolated)."""
-  from importlib import metadata
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": metadata.version("jaxlib"), "flax": metadata.version("flax"),
-          "torch": torch.__version__ if torch is not None else None}
+  return dict(provenance.versions(), torch=torch.__version__ if torch is not None else None)
 
 
 def _worker_main(fd: int) -> None:

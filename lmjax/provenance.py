@@ -14,12 +14,17 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 
 
 @functools.lru_cache(maxsize=None)
-def software() -> str:
-  """'python 3.11.7, jax 0.10.2, jaxlib 0.10.2, flax 0.12.8, ...' for this process."""
-  parts = [f"python {platform.python_version()}"]
+def versions() -> dict[str, str]:
+  """{'python': '3.11.7', 'jax': '0.10.2', ...} for this process."""
+  found = {"python": platform.python_version()}
   for name in PACKAGES:
     try:
-      parts.append(f"{name} {metadata.version(name)}")
+      found[name] = metadata.version(name)
     except metadata.PackageNotFoundError:  # run from a tree without that package installed
-      parts.append(f"{name} ?")
-  return ", ".join(parts)
+      found[name] = "?"
+  return found
+
+
+def software() -> str:
+  """'python 3.11.7, jax 0.10.2, jaxlib 0.10.2, flax 0.12.8, ...': the manifest's column."""
+  return ", ".join(f"{name} {v}" for name, v in versions().items())
