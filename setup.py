@@ -9,8 +9,9 @@ setup(
     python_requires=">=3.11",  # jax 0.10.2 and orbax 0.12.8 need it
     install_requires=[
         # Versions tested together; the upper bounds keep fast-moving APIs from breaking us.
-        # The whole suite passes on jax 0.10.2 (Python 3.11), 0.11.2 and 0.12.0.1 (Python
-        # 3.12, flax 0.12.12); jax >= 0.11 needs Python >= 3.12. README, "Versions".
+        # The whole suite passes on jax 0.10.2 (Python 3.11), 0.11.2 (3.12) and 0.12.0.1
+        # (3.12, 3.13), flax 0.12.12 with the newer two; jax >= 0.11 needs Python >= 3.12.
+        # README, "Versions".
         "jax>=0.10.2,<0.13",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",

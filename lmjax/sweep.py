@@ -14,6 +14,7 @@ if __name__ == "__main__":  # first, before jax loads: maybe re-execute on mimal
   from lmjax.allocator import maybe_reexec
   maybe_reexec()
 
+import collections
 import functools
 import json
 import math
@@ -339,13 +340,10 @@ def main(argv) -> None:
 def mixed_software_note(rows: list[dict]) -> str | None:
   """A warning when the sweep's finished runs trained on different software versions
   (lmjax/provenance.py), say after an upgrade between a sweep's first and later runs."""
-  seen: dict[str, int] = {}
-  for r in rows:
-    if r.get("software"):
-      seen[r["software"]] = seen.get(r["software"], 0) + 1
+  seen = collections.Counter(r["software"] for r in rows if r.get("software"))
   if len(seen) < 2:
     return None
-  listed = "; ".join(f"{n} on {s}" for s, n in sorted(seen.items(), key=lambda x: -x[1]))
+  listed = "; ".join(f"{n} on {s}" for s, n in seen.most_common())
   return (f"note: this sweep's runs trained on {len(seen)} software versions ({listed}); "
           "another XLA rounds differently, so compare losses within one (the manifest's "
           "software column) or rerun the rest in a new --workdir")
