@@ -142,7 +142,7 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
       nonlocal last_beat, ahead_due
       if ahead_due:  # the first record: this run's programs are compiled and it trains
         ahead_due = False
-        _compile_next(ahead, manifest, ids, keys, rids, judged, sweep.group_size)
+        _compile_next(ahead, manifest, ids, keys, rids, judged, sweep)
       if time.time() - last_beat > HEARTBEAT_S:
         for rid in rids:
           manifest.heartbeat(rid)
@@ -175,9 +175,10 @@ def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
 
 def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
                   keys: dict[str, str] | None, training: list[str], judged: set[str],
-                  group_size: int) -> None:
-  """Queues the programs of the next planned run, or group of runs, whose programs are not
-  built yet. A speed-up only: it never fails the run.
+                  sweep: SweepConfig) -> None:
+  """Queues the programs of the next run, or group of runs, that this process would claim
+  (a failed run due a retry included) and whose programs are not built yet. A speed-up
+  only: it never fails the run.
 
   Each row is offered once per sweep process (`judged`): a row is parsed and keyed in
   ~4 ms, and this runs on the training thread at every run's first record, so rescanning
@@ -186,15 +187,14 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
   """
   from lmjax.multirun import compile_group_ahead
   try:
-    order = {rid: i for i, rid in enumerate(ids)}
-    planned = sorted((r for r in manifest.rows(ids)
-                      if r["status"] == "planned" and r["id"] not in training),
-                     key=lambda r: order[r["id"]])
-    for row in planned:
+    nexts = [r for r in manifest.runnable(ids, max_attempts=sweep.max_attempts,
+                                          stale_after_s=sweep.stale_after_s)
+             if r["id"] not in training]
+    for row in nexts:
       if row["id"] in judged:
         continue
-      # _claim_group's pick: this row and its first planned mates, in sweep order.
-      rows = ([r for r in planned if keys[r["id"]] == keys[row["id"]]][:group_size]
+      # _claim_group's pick: this row and its first runnable mates, in sweep order.
+      rows = ([r for r in nexts if keys[r["id"]] == keys[row["id"]]][:sweep.group_size]
               if keys else [row])
       judged.update(r["id"] for r in rows)
       cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]

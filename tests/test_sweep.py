@@ -1,5 +1,6 @@
 """Planning, the manifest, and a real sweep that is killed and resumed."""
 import dataclasses
+import functools
 import importlib.util
 import json
 import multiprocessing
@@ -331,6 +332,45 @@ def test_drain_books_each_group_member_by_its_own_outcome(tmp_path, monkeypatch)
     else:
       assert rows[c[0]]["status"] == "done" and rows[c[0]]["final_eval_loss"] == 5.0
   assert all(r["owner"] is None for r in rows.values())  # nothing left claimed
+
+
+def test_compile_ahead_forecasts_the_run_claim_takes_next(tmp_path):
+  # A failed run with attempts left is claimed before later planned runs, so it is the one
+  # whose programs compile ahead; once out of attempts, the next planned run is.
+  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=3, seeds=1,
+                              group_size=1, max_attempts=2)
+  runs = plan(sweep)
+  ids = [r.id for r in runs]
+  m = manifest_lib.Manifest(str(tmp_path / "manifest.sqlite"))
+  m.add(runs)
+  claim = functools.partial(m.claim, max_attempts=2, stale_after_s=sweep.stale_after_s)
+  first = claim(ids)   # ids[0]: fails once, due a retry
+  m.finish(first["id"], status="failed", reason="boom")
+  second = claim(ids)  # the retry: ids[0] again, for its second and last attempt
+  assert second["id"] == ids[0]
+  training = claim(ids)  # ids[1]: the run this process trains while the next compiles
+  assert training["id"] == ids[1]
+  m.finish(second["id"], status="failed", reason="boom")   # out of attempts now
+
+  class Ahead:
+    def __init__(self):
+      self.submitted = []
+
+    def submit(self, cfg):
+      self.submitted.append(cfg)
+      return True
+
+  want = {r.id: r.config for r in runs}
+  for failed_attempts, expected in ((1, ids[0]), (2, ids[2])):
+    with m._transaction() as db:
+      db.execute("UPDATE runs SET attempts=? WHERE id=?", (failed_attempts, ids[0]))
+    assert [r["id"] for r in m.runnable(ids, max_attempts=2,
+                                        stale_after_s=sweep.stale_after_s)] == (
+        [ids[0], ids[2]] if failed_attempts == 1 else [ids[2]])
+    ahead = Ahead()
+    sweep_lib._compile_next(ahead, m, ids, None, [training["id"]], set(), sweep)
+    assert ahead.submitted == [want[expected]], failed_attempts
+  assert m.rows([ids[0]])[0]["status"] == "failed"   # forecasting claimed nothing
 
 
 def test_stopped_group_resumes_as_a_group_in_the_next_sweep(tmp_path, monkeypatch):

@@ -138,28 +138,42 @@ class Manifest:
             owner: str | None = None) -> dict | None:
     """Atomically takes the next runnable run among `ids` (in that order), or None."""
     owner = owner or owner_id()
-    order = {rid: i for i, rid in enumerate(ids)}
     now = time.time()
     with self._transaction() as db:
-      rows = db.execute("SELECT * FROM runs WHERE status IN ('planned', 'failed', 'running')"
-                        ).fetchall()
-      candidates = []
-      for row in rows:
-        if row["id"] not in order:
-          continue
-        if row["status"] == "failed" and row["attempts"] >= max_attempts:
-          continue
-        if row["status"] == "running":
-          stale = row["heartbeat"] is None or now - row["heartbeat"] > stale_after_s
-          if _owner_alive(row["owner"]) and not stale:
-            continue
-        candidates.append(row)
+      candidates = self._runnable(db, ids, now, max_attempts, stale_after_s)
       if not candidates:
         return None
-      row = min(candidates, key=lambda r: order[r["id"]])
+      row = candidates[0]
       db.execute("UPDATE runs SET status='running', owner=?, heartbeat=?, updated=?, "
                  "attempts=attempts+1 WHERE id=?", (owner, now, now, row["id"]))
       return dict(row) | {"attempts": row["attempts"] + 1}
+
+  def runnable(self, ids: Iterable[str], *, max_attempts: int,
+               stale_after_s: float) -> list[dict]:
+    """The runs that claim() would take, in its order, taking none (a forecast: another
+    process may claim them first)."""
+    return [dict(r) for r in self._runnable(self._db, ids, time.time(), max_attempts,
+                                            stale_after_s)]
+
+  @staticmethod
+  def _runnable(db, ids, now: float, max_attempts: int, stale_after_s: float) -> list:
+    """Rows among `ids`, in that order, that are planned, failed with attempts left, or
+    running under an owner that is gone or silent."""
+    order = {rid: i for i, rid in enumerate(ids)}
+    rows = db.execute("SELECT * FROM runs WHERE status IN ('planned', 'failed', 'running')"
+                      ).fetchall()
+    candidates = []
+    for row in rows:
+      if row["id"] not in order:
+        continue
+      if row["status"] == "failed" and row["attempts"] >= max_attempts:
+        continue
+      if row["status"] == "running":
+        stale = row["heartbeat"] is None or now - row["heartbeat"] > stale_after_s
+        if _owner_alive(row["owner"]) and not stale:
+          continue
+      candidates.append(row)
+    return sorted(candidates, key=lambda r: order[r["id"]])
 
   def heartbeat(self, rid: str) -> None:
     with self._transaction() as db:
