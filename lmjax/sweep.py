@@ -319,14 +319,15 @@ def main(argv) -> None:
   if flags.FLAGS.worker:
     return
   counts = manifest.counts(ids)
-  trained = [r for r in manifest.rows(ids) if r["wall_s"]]
+  rows = manifest.rows(ids)
+  trained = [r for r in rows if r["wall_s"]]
   compile_s, wall_s = (sum(r[k] or 0.0 for r in trained) for k in ("compile_s", "wall_s"))
   _say(f"training finished in {time.time() - started:.0f}s: "
        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
        + (f"; the runs spent {compile_s:.1f}s of their {wall_s:.0f}s compiling "
           f"({100 * compile_s / wall_s:.1f}%), {3600 * len(trained) / wall_s:.0f} runs per "
           "hour of their time" if wall_s else ""))
-  note = mixed_software_note(manifest.rows(ids))
+  note = mixed_software_note(rows)
   if note:
     _say(note)
   if flags.FLAGS.skip_fit:
