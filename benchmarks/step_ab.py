@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         "temp_mib": _temp_mib(runners[i][0]),
         "tokens_per_s": round(shape["batch"] * shape["seq_len"] / statistics.median(col[0]), 1),
         "final_loss": runners[i][0].last_loss,
+        "cpu_dots": runners[i][0].cpu_dots(),
     }
   report = {"machine": bench_common.machine_info(), "command": " ".join(sys.argv),
             "args": vars(args), "shape": shape, "steps_per_round": steps,

@@ -116,7 +116,9 @@ def model_config(shape: dict, dtype: str, overrides: dict[str, Any]) -> ModelCon
 
 
 def _xla_value(value: str) -> Any:
-  """An XLA option's value as text -> bool, int or str (XLA checks the type)."""
+  """An XLA option's value as text -> bool, int or str (XLA checks the type). '+' stands
+  for the ',' of a list-valued option, since ',' separates a variant's overrides."""
+  value = value.replace("+", ",")
   if value.lower() in ("true", "false"):
     return value.lower() == "true"
   try:
@@ -171,6 +173,11 @@ class LmjaxRunner:
     self.state = self.trainer.init_state()
     self.batches = [sharding.global_batch_from_local(b, mesh) for b in batches]
     self.i = 0
+    self._dots = "onednn" if train_lib.uses_onednn(self.cfg, mesh) else "xla"
+
+  def cpu_dots(self) -> str:
+    """What ran the step's dots (lmjax.train.uses_onednn): "onednn" or "xla"."""
+    return self._dots
 
   def first_step(self) -> float:
     """Seconds for the first step: tracing + XLA compilation + one step."""
@@ -436,6 +443,9 @@ class IsolatedRunner:
   def versions(self) -> dict[str, str | None]:
     return self._call("versions")
 
+  def cpu_dots(self) -> str:
+    return self._call("cpu_dots")
+
   def close(self) -> None:
     try:
       self.conn.send(("stop", ()))
@@ -533,6 +543,8 @@ def bench_one(name: str, dtype: str, variants: list[str], steps: int, rounds: in
         "versions": (runners[label].versions() if isinstance(runners[label], IsolatedRunner)
                      else versions()),
     }
+    if fw == "jax":
+      res["cpu_dots"] = runners[label].cpu_dots()
     results[label] = res
   best_torch = None
   if torch_labels:  # the reference is torch's best thread setting

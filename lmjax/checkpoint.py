@@ -62,7 +62,7 @@ DEFAULT_KEYS_THAT_MAY_CHANGE: tuple[str, ...] = (
     "workdir", "name", "checkpoint", "mesh", "optim.grad_accum",
     "train.steps", "train.tokens", "train.flops", "train.flops_convention",
     "train.log_every", "train.eval_every", "data.eval_batches", "train.progress",
-    "train.cpu_splits",
+    "train.cpu_splits", "train.cpu_dots",
 )
 
 

@@ -24,6 +24,8 @@ from lmjax.model import ModelConfig
 from lmjax.optim import OptimConfig
 from lmjax.sharding import MeshConfig
 
+CPU_DOTS = ("auto", "onednn", "xla")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -40,6 +42,7 @@ class TrainConfig:
   log_every: int = 10
   progress: bool = True           # the live step/total, loss, tokens/s, ETA line on stderr
   cpu_splits: int = 0             # CPU only: sequential pieces per microbatch; 0 auto (lmjax.train.cpu_splits)
+  cpu_dots: str = "auto"          # CPU only: auto, onednn or xla dots (lmjax.train.uses_onednn)
 
   def __post_init__(self):
     check_positive("train.global_batch", self.global_batch)
@@ -52,6 +55,7 @@ class TrainConfig:
             f"train.cpu_splits={self.cpu_splits!r} is invalid: use 0 (auto) or a whole number "
             "of sequential pieces >= 1.")
     check_choice("train.flops_convention", self.flops_convention, CONVENTIONS)
+    check_choice("train.cpu_dots", self.cpu_dots, CPU_DOTS)
     given = [n for n in ("steps", "tokens", "flops") if getattr(self, n)]
     require(len(given) == 1,
             f"give the run length as exactly one of train.steps, train.tokens, train.flops "

@@ -246,15 +246,21 @@ def _row_major_dot(lhs: jax.Array, rhs: jax.Array, dims: tuple) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_has_bf16_dots() -> bool:
-  """Whether this CPU has bf16 dot-product instructions (x86 avx512_bf16 or AMX; aarch64
-  bf16), read from /proc/cpuinfo (False where there is none)."""
+def cpu_flags() -> frozenset[str]:
+  """This CPU's feature flags from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty
+  where there is none."""
   try:
     with open("/proc/cpuinfo") as f:
-      flags = {w for line in f if line.startswith(("flags", "Features")) for w in line.split()}
+      return frozenset(w for line in f if line.startswith(("flags", "Features"))
+                       for w in line.split())
   except OSError:
-    return False
-  return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    return frozenset()
+
+
+def cpu_has_bf16_dots() -> bool:
+  """Whether this CPU has bf16 dot-product instructions (x86 avx512_bf16 or AMX; aarch64
+  bf16)."""
+  return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def copy_transposes() -> bool:

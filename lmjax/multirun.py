@@ -82,8 +82,8 @@ from lmjax.preemption import Preempted, StopFlag
 from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State, Trainer,
                          _cache_key, _check_workdir_config, _eval_record, _peak_flops,
                          abstract_batch, cached_programs, checkpoint_extras,
-                         cpu_compiler_options, cpu_splits, interval_record, make_eval_step,
-                         make_train_step, skip_reason, train, wait_for_ahead)
+                         cpu_compiler_options, cpu_splits, dot_options, interval_record,
+                         make_eval_step, make_train_step, skip_reason, train, wait_for_ahead)
 
 # Config keys in which the members of one group may differ (dotted, as config_diff names them).
 MEMBER_FIELDS = ("name", "train.seed", "data.seed", "optim.lr")
@@ -201,12 +201,12 @@ def _resolve(cfgs: Sequence[Config], mesh: jax.sharding.Mesh, members_per_vmap: 
              compiler_options: dict | str | None) -> tuple[int | None, dict | None, tuple]:
   """(members_per_vmap, compiler options, lmjax.train.cached_programs key) of a group."""
   per_vmap = resolve_members_per_vmap(members_per_vmap, mesh, len(cfgs))
+  cfg = cfgs[0]
   if compiler_options == "default":
     # The ynn option fixes vmapped reductions; a member at a time is the lone step's
     # program, compiled as a lone step is.
-    compiler_options = (cpu_compiler_options(mesh) if per_vmap == 1
+    compiler_options = (cpu_compiler_options(mesh, dot_options(cfg, mesh)) if per_vmap == 1
                         else default_compiler_options(mesh))
-  cfg = cfgs[0]
   # The builders' identities too, as in the lone key: a test that swaps one gets new programs.
   key = ("group", _cache_key(cfg, mesh, cpu_splits(cfg, mesh)), len(cfgs), per_vmap,
          repr(compiler_options), make_group_step, _over_members, _build_programs)

@@ -21,9 +21,12 @@ import functools
 import json
 import math
 import os
+import platform
+import re
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
@@ -44,7 +47,7 @@ from lmjax.config import Config
 from lmjax.data import pipeline as data_lib
 from lmjax.errors import CheckpointError, ConfigError, require
 from lmjax.metrics import MetricsWriter, ProgressLine
-from lmjax.model import Transformer, init_params
+from lmjax.model import Transformer, cpu_flags, init_params
 from lmjax.optim import accumulate_gradients, make_optimizer, make_schedule, schedule_value
 from lmjax.preemption import EXIT_REQUEUE, Preempted, StopFlag, handle_signals
 
@@ -195,6 +198,72 @@ def cpu_compiler_options(mesh: jax.sharding.Mesh, *extra: dict,
   return options if _accepted(tuple(sorted(options.items()))) else None
 
 
+# XLA:CPU can hand dots to oneDNN ("oneDNN fusions"), whose f32 matmuls are MKL's kernels:
+# faster than YNNPACK's f32 microkernel (0.83-0.88x MKL's per core on an AMX Xeon), and they
+# take the transposed operands of weight gradients, which YNNPACK refuses and leaves to
+# Eigen. f32 train steps ran 1.10x ('baby') to 1.12x ('small') faster with them on jaxlib
+# 0.12.0.1 (1.04x 'small' on 0.11.2); bf16 steps 1.6-2.2x slower (YNNPACK's AMX kernels
+# win), so only f32 models use them (docs/performance.md, sixteenth pass). jaxlib 0.10.2
+# fails to partition the train step for oneDNN and dies of SIGILL, which no probe in this
+# process would survive: hence the version gate rather than a trial compile.
+ONEDNN_DOT_OPTIONS = {"xla_cpu_use_onednn": True,
+                      "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+ONEDNN_MIN_JAXLIB = (0, 11)
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+  import jaxlib  # pylint: disable=import-outside-toplevel
+  return tuple(int(p) for p in re.findall(r"\d+", jaxlib.__version__)[:3])
+
+
+def onednn_dots_supported() -> str | None:
+  """None if this jaxlib and CPU run f32 dots on oneDNN in the train step, else why not."""
+  if _jaxlib_version() < ONEDNN_MIN_JAXLIB:
+    return (f"jaxlib {'.'.join(map(str, _jaxlib_version()))} crashes compiling oneDNN "
+            f"dots (needs >= {'.'.join(map(str, ONEDNN_MIN_JAXLIB))}, Python >= 3.12)")
+  if platform.machine().lower() not in ("x86_64", "amd64"):
+    return f"XLA:CPU builds oneDNN only for x86-64, not {platform.machine()}"
+  return None
+
+
+def uses_onednn(cfg: Config, mesh: jax.sharding.Mesh) -> bool:
+  """Whether cfg's CPU steps run their dots on oneDNN (train.cpu_dots): "xla" never;
+  "onednn" always (a ConfigError where unsupported); "auto" for f32 models on a
+  supporting jaxlib and an AVX-512 CPU, the one kind measured (AVX2 CPUs keep YNNPACK and
+  Eigen, already 1.02-1.17x torch on 'small' there)."""
+  if not sharding.is_cpu(mesh) or cfg.train.cpu_dots == "xla":
+    return False
+  why_not = onednn_dots_supported()
+  if cfg.train.cpu_dots == "onednn":
+    if why_not:
+      raise ConfigError(f"train.cpu_dots='onednn' cannot run here: {why_not}; use "
+                        "train.cpu_dots='auto' or 'xla'.")
+    return True
+  return why_not is None and cfg.model.dtype == "float32" and "avx512f" in cpu_flags()
+
+
+def dot_options(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
+  """The XLA:CPU options that pick the library for cfg's dots (see uses_onednn)."""
+  if not uses_onednn(cfg, mesh):
+    return {}
+  _onednn_programs_are_not_cached()
+  return dict(ONEDNN_DOT_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_programs_are_not_cached() -> None:
+  """XLA cannot serialise oneDNN fusions yet ("ToProto is not implemented for thunk kind:
+  onednn-fusion"), so the persistent compilation cache keeps none of these programs, and
+  jax warns at every one. Say it once instead: in-process reuse (cached_programs,
+  CompileAhead) still holds, but another process compiles them afresh."""
+  warnings.filterwarnings("ignore", category=UserWarning,
+                          message=r"Error writing persistent compilation cache entry.*onednn")
+  if jax.config.jax_compilation_cache_dir:
+    logging.info("f32 CPU programs with oneDNN dots are not kept in the persistent "
+                 "compilation cache (XLA cannot serialise them); each process compiles "
+                 "them once (train.cpu_dots='xla' keeps them cacheable)")
+
+
 # The init program runs once per run, so compiling it fast beats running it fast: at O0 the
 # default sweep's inits compiled in 0.9-1.0 s instead of 2.6 s, and ran in 4.4 ms instead of
 # 2.8. The parameters differ from an optimised compile's by one ulp in ~4% of elements (XLA
@@ -343,15 +412,15 @@ _PROGRAMS_LOCK = threading.Lock()
 _AHEAD: dict[tuple, threading.Event] = {}   # keys CompileAhead is compiling -> set when done
 
 
-def _compiler_options(mesh: jax.sharding.Mesh) -> tuple[dict | None, dict | None]:
+def _compiler_options(cfg: Config, mesh: jax.sharding.Mesh) -> tuple[dict | None, dict | None]:
   """(train and eval step options, init options)."""
-  return (cpu_compiler_options(mesh),
+  return (cpu_compiler_options(mesh, dot_options(cfg, mesh)),
           cpu_compiler_options(mesh, base=CPU_INIT_COMPILER_OPTIONS))
 
 
 def _cache_key(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> tuple:
   # The builders' identities too: a test or benchmark that swaps one gets fresh programs.
-  return (program_key(cfg), mesh, splits, repr(_compiler_options(mesh)),
+  return (program_key(cfg), mesh, splits, repr(_compiler_options(cfg, mesh)),
           Transformer, make_train_step, make_eval_step, make_optimizer)
 
 
@@ -388,7 +457,7 @@ def _programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
 
 
 def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Programs:
-  step_options, init_options = _compiler_options(mesh)
+  step_options, init_options = _compiler_options(cfg, mesh)
   if cfg.model.remat != "none" and not cfg.model.scan_layers and sharding.is_cpu(mesh):
     # XLA:CPU expands jax.checkpoint's optimization barriers before it schedules, and then
     # runs each unrolled block's recomputation during the forward pass: the step keeps every

@@ -12,9 +12,11 @@ from lmjax import train as train_lib  # noqa: E402
 
 def test_parse_overrides_types_each_kind():
   got = tt.parse_overrides("attention=xla,train.cpu_splits=2,xla.xla_cpu_a=true,"
-                           "xla.xla_cpu_b=512,xla.xla_cpu_c=,xla.xla_cpu_d=LIBRARY_X")
+                           "xla.xla_cpu_b=512,xla.xla_cpu_c=,xla.xla_cpu_d=LIBRARY_X,"
+                           "xla.xla_cpu_e=LIBRARY_X+LIBRARY_Y,train.cpu_dots=xla")
   assert got == {"attention": "xla", "train.cpu_splits": 2, "xla.xla_cpu_a": True,
-                 "xla.xla_cpu_b": 512, "xla.xla_cpu_c": "", "xla.xla_cpu_d": "LIBRARY_X"}
+                 "xla.xla_cpu_b": 512, "xla.xla_cpu_c": "", "xla.xla_cpu_d": "LIBRARY_X",
+                 "xla.xla_cpu_e": "LIBRARY_X,LIBRARY_Y", "train.cpu_dots": "xla"}
   with pytest.raises(SystemExit, match="unknown ModelConfig"):
     tt.parse_overrides("no_such_field=1")
 
@@ -54,6 +56,9 @@ def test_isolated_worker_trains_lmjax_under_the_interpreter_it_is_given(tmp_path
     worker.run(3)
     assert worker.last_loss == pytest.approx(here.last_loss, rel=1e-6)
     assert worker.versions() == tt.versions()
+    # What ran the dots is reported, and is what this jaxlib and CPU give an f32 model.
+    assert worker.cpu_dots() == here.cpu_dots() == (
+        "onednn" if train_lib.uses_onednn(here.cfg, here.trainer.mesh) else "xla")
   finally:
     worker.close()
   assert worker.proc.returncode == 0

@@ -13,8 +13,9 @@ import pytest
 
 from lmjax import config as config_lib
 from lmjax.config import Config
+from lmjax.errors import ConfigError
 from lmjax.metrics import read_metrics
-from lmjax.train import train
+from lmjax.train import onednn_dots_supported, train
 from tests.util import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,6 +279,87 @@ def test_cpu_splits_leave_the_training_trajectory_unchanged():
   np.testing.assert_allclose(results[4][0], results[1][0], rtol=2e-6)
   for a, b in zip(jax.tree.leaves(results[4][1]), jax.tree.leaves(results[1][1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_dots_rule_gives_onednn_to_f32_models_on_a_jaxlib_that_compiles_them(monkeypatch):
+  """train.cpu_dots: "auto" hands f32 models' dots to oneDNN only on jaxlib >= 0.11 (0.10.2
+  dies of SIGILL compiling them), on x86-64 with AVX-512 (the CPUs measured); bf16 models
+  keep YNNPACK's AMX kernels; "onednn" where it cannot run is one ConfigError."""
+  from lmjax import train as train_lib
+  f32 = _tiny()
+  bf16 = dataclasses.replace(f32, model=dataclasses.replace(f32.model, dtype="bfloat16"))
+  forced = dataclasses.replace(f32, train=dataclasses.replace(f32.train, cpu_dots="onednn"))
+  off = dataclasses.replace(f32, train=dataclasses.replace(f32.train, cpu_dots="xla"))
+  mesh = _mesh()
+  monkeypatch.setattr(train_lib.platform, "machine", lambda: "x86_64")
+  monkeypatch.setattr(train_lib, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+  monkeypatch.setattr(train_lib, "_jaxlib_version", lambda: (0, 12, 0))
+  assert train_lib.uses_onednn(f32, mesh) and train_lib.uses_onednn(forced, mesh)
+  assert not train_lib.uses_onednn(bf16, mesh) and not train_lib.uses_onednn(off, mesh)
+  options = train_lib._compiler_options(f32, mesh)[0]
+  assert options["xla_cpu_use_onednn"] is True, options
+  assert "xla_cpu_use_onednn" not in (train_lib._compiler_options(bf16, mesh)[0] or {})
+  # The options are part of the programs' key: switching cpu_dots never reuses programs.
+  assert train_lib._cache_key(f32, mesh, 1) != train_lib._cache_key(off, mesh, 1)
+  monkeypatch.setattr(train_lib, "cpu_flags", lambda: frozenset({"avx2"}))
+  assert not train_lib.uses_onednn(f32, mesh) and train_lib.uses_onednn(forced, mesh)
+  monkeypatch.setattr(train_lib, "_jaxlib_version", lambda: (0, 10, 2))
+  assert not train_lib.uses_onednn(f32, mesh)
+  with pytest.raises(ConfigError, match=r"^train.cpu_dots='onednn' cannot run here: jaxlib "
+                     r"0\.10\.2 crashes .*use train.cpu_dots='auto' or 'xla'\.$"):
+    train_lib.uses_onednn(forced, mesh)
+  monkeypatch.setattr(train_lib, "_jaxlib_version", lambda: (0, 12, 0))
+  monkeypatch.setattr(train_lib.platform, "machine", lambda: "aarch64")
+  assert not train_lib.uses_onednn(f32, mesh)
+  with pytest.raises(ConfigError, match="only for x86-64, not aarch64"):
+    train_lib.uses_onednn(forced, mesh)
+  with pytest.raises(ConfigError, match=r"train.cpu_dots='mkl' is not a known option"):
+    dataclasses.replace(f32.train, cpu_dots="mkl")
+  # A machine setting: a run resumes under another choice, and from a config saved before
+  # the key existed.
+  from lmjax.checkpoint import config_diff
+  saved = config_lib.to_dict(off)
+  assert config_diff(saved, config_lib.to_dict(f32), train_lib.RESUMABLE_CHANGES) == []
+  del saved["train"]["cpu_dots"]
+  assert config_diff(saved, config_lib.to_dict(f32), train_lib.RESUMABLE_CHANGES) == []
+
+
+@pytest.mark.skipif(bool(onednn_dots_supported()),
+                    reason=f"no oneDNN dots here: {onednn_dots_supported()}")
+def test_onednn_dots_train_the_same_model_as_xla_dots():
+  """oneDNN's matmuls are a kernel choice: the same gradients to f32 rounding, and the same
+  losses over steps. (Parameters are not compared: Adam turns the rounding of a rare
+  token's near-zero gradient into visible differences, as any kernel change would.)"""
+  import jax
+  from lmjax.train import Trainer, cpu_compiler_options, dot_options, make_loss_fn
+  tok = np.random.default_rng(0).integers(0, 256, (8, 33), np.int32)
+  batch = {"inputs": tok[:, :-1], "targets": tok[:, 1:], "mask": np.ones((8, 32), np.float32)}
+  results = {}
+  for dots in ("xla", "onednn"):
+    cfg = _tiny(cpu_dots=dots, cpu_splits=2, steps=3)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=2))
+    trainer = Trainer(cfg, _mesh())
+    state = trainer.init_state()
+    with jax.set_mesh(trainer.mesh):
+      text = trainer.train_step.lower(state, batch, trainer.hparams()).compile().as_text()
+    with jax.set_mesh(trainer.mesh):
+      grad = jax.jit(jax.grad(lambda p, c=cfg: make_loss_fn(c)(p, batch)[0]),
+                     compiler_options=cpu_compiler_options(trainer.mesh, dot_options(
+                         cfg, trainer.mesh)))(state["params"])
+    losses = []
+    for _ in range(3):
+      state, metrics = trainer.step(state, batch)
+      losses.append(float(metrics["loss"]))
+    results[dots] = (losses, jax.device_get(grad), text)
+  # The options took: oneDNN runs the dots, and nothing does without them.
+  assert results["onednn"][2].count('"__onednn_fusion"') >= 10, results["onednn"][2][:2000]
+  assert "__onednn_fusion" not in results["xla"][2]
+  assert results["onednn"][0][-1] < results["onednn"][0][0]
+  np.testing.assert_allclose(results["onednn"][0], results["xla"][0], rtol=1e-5)
+  leaves = jax.tree.leaves(results["xla"][1])
+  scale = max(float(np.abs(g).max()) for g in leaves)
+  for a, b in zip(jax.tree.leaves(results["onednn"][1]), leaves):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale)
 
 
 def test_scan_layers_trains_the_same_model_as_unrolled_layers():
