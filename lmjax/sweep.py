@@ -295,6 +295,9 @@ def main(argv) -> None:
             "--config=experiments/configs/sweeps/cpu_default.py", ConfigError)
     sweep = config_lib.from_dict(SweepConfig, flags.FLAGS.config)
   runs = plan(sweep)
+  if sweep.base.train.cpu_dots == "onednn":  # else every run would fail alike, one by one
+    from lmjax.train import check_cpu_dots  # pylint: disable=import-outside-toplevel
+    check_cpu_dots(sweep.base)
   ids = [r.id for r in runs]
   os.makedirs(workdir, exist_ok=True)
   manifest = manifest_lib.Manifest(os.path.join(workdir, "manifest.sqlite"))

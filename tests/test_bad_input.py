@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lmjax.train import onednn_dots_supported
 from tests.util import tree_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,7 @@ def _cases(tmp: Path):
       t("unknown field set to None", [wd("zb"), "--config.train.stepz=None"], "train.stepz"),
       t("required field set to None", [wd("zc"), "--config.train.seq_len=null"],
         "train.seq_len"),
+      t("unknown dot library", [wd("zd"), "--config.train.cpu_dots=mkl"], "train.cpu_dots"),
       ("sweep unknown key", "lmjax.sweep",
        [f"--config={files / 'sweep_unknown.py'}", wd("sa")], "budgetz"),
       ("sweep negative budget", "lmjax.sweep",
@@ -90,6 +92,12 @@ def _cases(tmp: Path):
        [f"--config={TINY_SWEEP}", f"--workdir={files / 'garbage_sweep'}"], "manifest"),
       ("sweep worker before start", "lmjax.sweep", ["--worker", wd("sc")], "--worker needs"),
       ("sweep missing config", "lmjax.sweep", [wd("sd")], "--config is required"),
+      *([t("oneDNN dots this jaxlib cannot run", [wd("ze"), "--config.train.cpu_dots=onednn"],
+           "cpu_dots"),
+         ("sweep oneDNN dots this jaxlib cannot run", "lmjax.sweep",
+          [f"--config={TINY_SWEEP}", wd("se"), "--config.base.train.cpu_dots=onednn"],
+          "cpu_dots")]
+        if onednn_dots_supported() else []),   # CI's jaxlib 0.10.2 cannot
       ("fit missing column", "lmjax.fit", [f"--runs={files / 'missing_col.csv'}",
                                            f"--out={tmp / 'fit1'}"], "column"),
       ("fit non-numeric", "lmjax.fit", [f"--runs={files / 'non_numeric.csv'}",
