@@ -233,21 +233,20 @@ def uses_onednn(cfg: Config, mesh: jax.sharding.Mesh) -> bool:
   Eigen, already 1.02-1.17x torch on 'small' there)."""
   if not sharding.is_cpu(mesh) or cfg.train.cpu_dots == "xla":
     return False
-  check_cpu_dots(cfg)
+  why_not = onednn_dots_supported()
   if cfg.train.cpu_dots == "onednn":
+    if why_not:
+      raise ConfigError(f"train.cpu_dots='onednn' cannot run here: {why_not}; use "
+                        "train.cpu_dots='auto' or 'xla'.")
     return True
-  return (onednn_dots_supported() is None and cfg.model.dtype == "float32"
-          and "avx512f" in cpu_flags())
+  return why_not is None and cfg.model.dtype == "float32" and "avx512f" in cpu_flags()
 
 
 def check_cpu_dots(cfg: Config) -> None:
-  """A ConfigError if cfg asks for oneDNN dots that this jaxlib or CPU cannot run (a sweep
-  checks its base config with this before it trains anything)."""
-  why_not = (cfg.train.cpu_dots == "onednn" and jax.default_backend() == "cpu"
-             and onednn_dots_supported())
-  if why_not:
-    raise ConfigError(f"train.cpu_dots='onednn' cannot run here: {why_not}; use "
-                      "train.cpu_dots='auto' or 'xla'.")
+  """uses_onednn's ConfigError, up front, where the runs will train on this process's
+  default devices (a sweep checks its base config before it plans anything)."""
+  if jax.default_backend() == "cpu":
+    uses_onednn(cfg, sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1]))
 
 
 def dot_options(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
