@@ -173,11 +173,10 @@ class LmjaxRunner:
     self.state = self.trainer.init_state()
     self.batches = [sharding.global_batch_from_local(b, mesh) for b in batches]
     self.i = 0
-    self._dots = "onednn" if train_lib.uses_onednn(self.cfg, mesh) else "xla"
 
   def cpu_dots(self) -> str:
     """What ran the step's dots (lmjax.train.uses_onednn): "onednn" or "xla"."""
-    return self._dots
+    return "onednn" if self.trainer.onednn_dots else "xla"
 
   def first_step(self) -> float:
     """Seconds for the first step: tracing + XLA compilation + one step."""

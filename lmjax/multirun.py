@@ -83,7 +83,8 @@ from lmjax.train import (RESUMABLE_CHANGES, Diverged, EventLog, SkipList, State,
                          _cache_key, _check_workdir_config, _eval_record, _peak_flops,
                          abstract_batch, cached_programs, checkpoint_extras,
                          cpu_compiler_options, cpu_splits, dot_options, interval_record,
-                         make_eval_step, make_train_step, skip_reason, train, wait_for_ahead)
+                         make_eval_step, make_train_step, runs_onednn_dots, skip_reason, train,
+                         wait_for_ahead)
 
 # Config keys in which the members of one group may differ (dotted, as config_diff names them).
 MEMBER_FIELDS = ("name", "train.seed", "data.seed", "optim.lr")
@@ -625,7 +626,7 @@ def _run_group(cfgs, workdirs, mesh, start: int, restored: list | None, *, membe
         "status": "diverged" if m.diverged else "done", "reason": m.diverged,
         "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,
         "members_per_vmap": group.members_per_vmap, "malloc": allocator.current(),
-        "software": provenance.software(),
+        "software": provenance.software(runs_onednn_dots(group.compiler_options)),
     })
   return results
 

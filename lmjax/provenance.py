@@ -25,6 +25,9 @@ def versions() -> dict[str, str]:
   return found
 
 
-def software() -> str:
-  """'python 3.11.7, jax 0.10.2, jaxlib 0.10.2, flax 0.12.8, ...': the manifest's column."""
-  return ", ".join(f"{name} {v}" for name, v in versions().items())
+def software(onednn_dots: bool = False) -> str:
+  """'python 3.11.7, jax 0.10.2, jaxlib 0.10.2, flax 0.12.8, ...': the manifest's column.
+  With `onednn_dots` (the run's CPU dots ran on oneDNN: lmjax.train.uses_onednn) it ends
+  in ', onednn dots', since those kernels round differently from XLA's own."""
+  return (", ".join(f"{name} {v}" for name, v in versions().items())
+          + (", onednn dots" if onednn_dots else ""))

@@ -249,6 +249,11 @@ def check_cpu_dots(cfg: Config) -> None:
     uses_onednn(cfg, sharding.make_mesh(sharding.MeshConfig(data=1), jax.devices()[:1]))
 
 
+def runs_onednn_dots(compiler_options: dict | None) -> bool:
+  """Whether programs compiled with these options run their dots on oneDNN."""
+  return bool(compiler_options and compiler_options.get("xla_cpu_use_onednn"))
+
+
 def dot_options(cfg: Config, mesh: jax.sharding.Mesh) -> dict:
   """The XLA:CPU options that pick the library for cfg's dots (see uses_onednn)."""
   if not uses_onednn(cfg, mesh):
@@ -528,6 +533,7 @@ class Trainer:
                      "warmup_steps": np.int32(cfg.optim.warmup_steps)}
     (self.tx, self.state_shardings, self.abstract_state, self._init, self.train_step,
      self.eval_step) = _programs(cfg, mesh, self.splits)
+    self.onednn_dots = runs_onednn_dots(_compiler_options(cfg, mesh)[0])
 
   def init_state(self, seed: int | None = None) -> State:
     with jax.set_mesh(self.mesh):
@@ -835,7 +841,7 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
       "compile_s": clock.seconds, "first_step_s": first_step_s,
       "skipped_steps": len(skips), "rollbacks": rollbacks,
       "malloc": allocator.current(),  # it moves CPU step times ~10% (lmjax/allocator.py)
-      "software": provenance.software(),
+      "software": provenance.software(trainer.onednn_dots),
   }
 
 

@@ -154,6 +154,11 @@ def test_sweep_says_when_its_runs_trained_on_different_software():
                          f"(2 on {new}; 1 on {old})"), note
   assert sweep_lib.mixed_software_note(rows[1:]) is None   # one version (and an unknown)
   assert sweep_lib.mixed_software_note([]) is None
+  # Runs whose dots ran on oneDNN (a sweep resumed on another CPU or jaxlib) count apart.
+  here, onednn = provenance.software(), provenance.software(onednn_dots=True)
+  assert onednn == here + ", onednn dots"
+  note = sweep_lib.mixed_software_note([{"software": here}, {"software": onednn}])
+  assert note and "2 software versions" in note and "onednn dots" in note, note
 
 
 def test_dead_owner_is_reclaimed(tmp_path):
@@ -255,6 +260,12 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
   # with group_size=1 trains all four runs alone. Same ids, same losses.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   losses = {}
+  import jax
+  from lmjax import sharding
+  from lmjax.train import uses_onednn
+  base = _sweep("tiny").base
+  onednn_here = uses_onednn(base, sharding.make_mesh(sharding.MeshConfig(data=1),
+                                                     jax.devices()[:1]))
   for group_size in (8, 1):
     workdir = tmp_path / f"g{group_size}"
     cmd = _sweep_cmd(workdir, tmp_path / "cache") + [
@@ -277,8 +288,9 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
         proc.stderr[-1000:]
     # The allocator the run trained on (its step times depend on it), lone or grouped.
     assert all(r[4] in ("mimalloc", "system") for r in rows), rows
-    # And the software it trained on: this interpreter's, so no mixed-versions note.
-    assert {r[5] for r in rows} == {provenance.software()}, rows
+    # And the software it trained on: this interpreter's, ending in ", onednn dots" where
+    # this jaxlib and CPU run the f32 runs' dots on oneDNN; so no mixed-versions note.
+    assert {r[5] for r in rows} == {provenance.software(onednn_here)}, rows
     assert "software versions" not in proc.stderr
     losses[group_size] = {r[0]: r[2] for r in rows}
     for rid in losses[group_size]:

@@ -339,6 +339,7 @@ def test_onednn_dots_train_the_same_model_as_xla_dots():
     cfg = _tiny(cpu_dots=dots, cpu_splits=2, steps=3)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_layers=2))
     trainer = Trainer(cfg, _mesh())
+    assert trainer.onednn_dots == (dots == "onednn")
     state = trainer.init_state()
     with jax.set_mesh(trainer.mesh):
       text = trainer.train_step.lower(state, batch, trainer.hparams()).compile().as_text()
