@@ -343,7 +343,6 @@ def test_onednn_dots_train_the_same_model_as_xla_dots():
     state = trainer.init_state()
     with jax.set_mesh(trainer.mesh):
       text = trainer.train_step.lower(state, batch, trainer.hparams()).compile().as_text()
-    with jax.set_mesh(trainer.mesh):
       grad = jax.jit(jax.grad(lambda p, c=cfg: make_loss_fn(c)(p, batch)[0]),
                      compiler_options=cpu_compiler_options(trainer.mesh, dot_options(
                          cfg, trainer.mesh)))(state["params"])
