@@ -212,8 +212,7 @@ ONEDNN_MIN_JAXLIB = (0, 11)
 
 
 def _jaxlib_version() -> tuple[int, ...]:
-  import jaxlib  # pylint: disable=import-outside-toplevel
-  return tuple(int(p) for p in re.findall(r"\d+", jaxlib.__version__)[:3])
+  return tuple(int(p) for p in re.findall(r"\d+", provenance.versions()["jaxlib"])[:3])
 
 
 def onednn_dots_supported() -> str | None:
@@ -411,6 +410,7 @@ class _Programs(NamedTuple):
   init: Callable
   train_step: Callable
   eval_step: Callable
+  step_options: dict | None   # the XLA options the train and eval steps compile with
 
 
 # Recently built programs, so that a sweep's later runs of a shape skip tracing, lowering
@@ -516,7 +516,8 @@ def _build_programs(cfg: Config, mesh: jax.sharding.Mesh, splits: int) -> _Progr
   eval_step = jax.jit(with_rules(make_eval_step(cfg)),
                       in_shardings=(state_shardings["params"], batch_sh),
                       out_shardings=sharding.replicated(mesh), compiler_options=step_options)
-  return _Programs(tx, state_shardings, abstract_state, init, train_step, eval_step)
+  return _Programs(tx, state_shardings, abstract_state, init, train_step, eval_step,
+                   step_options)
 
 
 class Trainer:
@@ -532,8 +533,8 @@ class Trainer:
     self._hparams = {"total_steps": np.int32(self.total_steps),
                      "warmup_steps": np.int32(cfg.optim.warmup_steps)}
     (self.tx, self.state_shardings, self.abstract_state, self._init, self.train_step,
-     self.eval_step) = _programs(cfg, mesh, self.splits)
-    self.onednn_dots = runs_onednn_dots(_compiler_options(cfg, mesh)[0])
+     self.eval_step, step_options) = _programs(cfg, mesh, self.splits)
+    self.onednn_dots = runs_onednn_dots(step_options)
 
   def init_state(self, seed: int | None = None) -> State:
     with jax.set_mesh(self.mesh):
