@@ -205,7 +205,9 @@ def cpu_compiler_options(mesh: jax.sharding.Mesh, *extra: dict,
 # 0.12.0.1 (1.04x 'small' on 0.11.2); bf16 steps 1.6-2.2x slower (YNNPACK's AMX kernels
 # win), so only f32 models use them (docs/performance.md, sixteenth pass). jaxlib 0.10.2
 # fails to partition the train step for oneDNN and dies of SIGILL, which no probe in this
-# process would survive: hence the version gate rather than a trial compile.
+# process would survive: hence the version gate rather than a trial compile. Its one-dot
+# fusions (LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT) compile but made 'baby' 1.21x slower
+# (seventeenth pass).
 ONEDNN_DOT_OPTIONS = {"xla_cpu_use_onednn": True,
                       "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 ONEDNN_MIN_JAXLIB = (0, 11)
