@@ -626,7 +626,9 @@ def _run_group(cfgs, workdirs, mesh, start: int, restored: list | None, *, membe
         "status": "diverged" if m.diverged else "done", "reason": m.diverged,
         "group_size": K, "group_wall_s": group_wall, "group_compile_s": compile_s,
         "members_per_vmap": group.members_per_vmap, "malloc": allocator.current(),
-        "software": provenance.software(runs_onednn_dots(group.compiler_options)),
+        "software": provenance.software(
+            on_cpu=sharding.is_cpu(group.mesh),
+            onednn_dots=runs_onednn_dots(group.compiler_options)),
     })
   return results
 

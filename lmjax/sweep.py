@@ -49,6 +49,9 @@ def enable_compilation_cache(path: str) -> None:
 
 
 HEARTBEAT_S = 30.0  # how often a training run tells the manifest it is alive
+# Another worker compiling a size's programs ahead keeps the others off them this long:
+# longer than a compile (3-4 s for a cpu_default size on one core), shorter than a sweep.
+COMPILE_CLAIM_S = 30.0
 
 
 def _results(summary: dict, run_dir: str) -> dict:
@@ -186,6 +189,7 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
   programs have since left lmjax.train's 16-entry cache then compiles in its own run.)
   """
   from lmjax.multirun import compile_group_ahead
+  from lmjax.train import program_key
   try:
     nexts = [r for r in manifest.runnable(ids, max_attempts=sweep.max_attempts,
                                           stale_after_s=sweep.stale_after_s)
@@ -196,8 +200,13 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
       # _claim_group's pick: this row and its first runnable mates, in sweep order.
       rows = ([r for r in nexts if keys[r["id"]] == keys[row["id"]]][:sweep.group_size]
               if keys else [row])
-      judged.update(r["id"] for r in rows)
       cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
+      # Workers look ahead at the same rows: the first takes these programs, and the
+      # others try the next size (offering these again later, as a cache load).
+      if not manifest.claim_compile(f"{len(cfgs)}|{program_key(cfgs[0])}",
+                                    fresh_s=COMPILE_CLAIM_S):
+        continue
+      judged.update(r["id"] for r in rows)
       queued = ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs)
       if queued:
         return
@@ -228,9 +237,43 @@ def _say(message: str) -> None:
   print(f"lmjax.sweep: {message}", file=sys.stderr, flush=True)
 
 
+def core_shares(cores: list[int], k: int) -> list[list[int]]:
+  """k disjoint, contiguous shares of `cores`, all of one size, so that every worker's
+  XLA:CPU pools have as many threads and its runs round alike (lmjax.provenance): with 3
+  cores and 2 workers the third core stays idle. With fewer cores than workers, worker i
+  gets core i mod len(cores)."""
+  cores = sorted(cores)
+  if len(cores) < k:
+    return [[cores[i % len(cores)]] for i in range(k)]
+  size = len(cores) // k
+  return [cores[i * size:(i + 1) * size] for i in range(k)]
+
+
+def _worker_cores(sweep: SweepConfig) -> list[str | None]:
+  """Each worker's --worker_cores value (None: not pinned)."""
+  if not (sweep.pin_workers and hasattr(os, "sched_getaffinity")):
+    return [None] * sweep.workers
+  return [",".join(map(str, share))
+          for share in core_shares(list(os.sched_getaffinity(0)), sweep.workers)]
+
+
+def _pin(cores: str) -> None:
+  """Restricts this worker to `cores`, before jax starts a thread: threads inherit the
+  mask, and XLA:CPU sizes its pools to it."""
+  try:
+    wanted = {int(c) for c in cores.split(",")}
+    os.sched_setaffinity(0, wanted)
+  except (ValueError, OSError) as e:
+    raise ConfigError(f"--worker_cores={cores!r} cannot be used here ({e}); give CPU core "
+                      "numbers this process may run on, comma-separated, or leave it out.") from e
+  _say(f"worker {os.getpid()} on CPU core(s) "
+       f"{','.join(map(str, sorted(os.sched_getaffinity(0))))}")
+
+
 def _spawn_workers(sweep: SweepConfig, workdir: str, stop: StopFlag) -> None:
   cmd = [sys.executable, "-m", "lmjax.sweep", "--worker", f"--workdir={workdir}"]
-  procs = [subprocess.Popen(cmd) for _ in range(sweep.workers)]
+  procs = [subprocess.Popen(cmd + ([f"--worker_cores={cores}"] if cores else []))
+           for cores in _worker_cores(sweep)]
   forwarded = False
   while any(p.poll() is None for p in procs):
     if stop and not forwarded:
@@ -280,6 +323,8 @@ def _add_known_floor(report: dict, sweep: SweepConfig) -> None:
 
 def main(argv) -> None:
   require(len(argv) == 1, f"unexpected arguments {argv[1:]}; use --flag=value.", ConfigError)
+  if flags.FLAGS.worker_cores:
+    _pin(flags.FLAGS.worker_cores)   # first: nothing may have started a thread pool yet
   workdir = flags.FLAGS.workdir
   require(workdir, "--workdir is required: the sweep's directory (manifest, runs, fit).",
           ConfigError)
@@ -306,6 +351,7 @@ def main(argv) -> None:
     new = manifest.add(runs)
     counts = manifest.counts(ids)
     _say(f"{len(runs)} runs planned ({new} new; {counts['done']} already done) in {workdir}")
+    done_before = counts["done"]
   enable_compilation_cache(sweep.compilation_cache)
   started = time.time()
   with handle_signals(StopFlag()) as stop:
@@ -325,8 +371,13 @@ def main(argv) -> None:
   rows = manifest.rows(ids)
   trained = [r for r in rows if r["wall_s"]]
   compile_s, wall_s = (sum(r[k] or 0.0 for r in trained) for k in ("compile_s", "wall_s"))
-  _say(f"training finished in {time.time() - started:.0f}s: "
-       + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+  elapsed = time.time() - started
+  finished = counts["done"] - done_before
+  # Runs per hour of the clock: what workers raise (each run's own time grows meanwhile).
+  _say(f"training finished in {elapsed:.0f}s"
+       + (f" by {sweep.workers} workers" if sweep.workers else "")
+       + (f", {3600 * finished / elapsed:.0f} runs per hour" if finished and elapsed else "")
+       + ": " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
        + (f"; the runs spent {compile_s:.1f}s of their {wall_s:.0f}s compiling "
           f"({100 * compile_s / wall_s:.1f}%), {3600 * len(trained) / wall_s:.0f} runs per "
           "hour of their time" if wall_s else ""))
@@ -372,6 +423,8 @@ def _headline(report: dict) -> str:
 def cli():
   flags.DEFINE_bool("worker", False, "Drain the manifest of an already started sweep.")
   flags.DEFINE_bool("skip_fit", False, "Train only; fit later with python -m lmjax.fit.")
+  flags.DEFINE_string("worker_cores", None, "With --worker: the CPU cores this worker runs "
+                      "on, comma-separated (the sweep sets it; sweep.pin_workers).")
   from lmjax.cli import run_main
   run_main(main, workdir=True)
 

@@ -844,7 +844,8 @@ def _train(cfg: Config, workdir: str, *, mesh, on_step, stop, clock: CompileCloc
       "compile_s": clock.seconds, "first_step_s": first_step_s,
       "skipped_steps": len(skips), "rollbacks": rollbacks,
       "malloc": allocator.current(),  # it moves CPU step times ~10% (lmjax/allocator.py)
-      "software": provenance.software(trainer.onednn_dots),
+      "software": provenance.software(on_cpu=sharding.is_cpu(trainer.mesh),
+                                      onednn_dots=trainer.onednn_dots),
   }
 
 

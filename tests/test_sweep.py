@@ -155,10 +155,17 @@ def test_sweep_says_when_its_runs_trained_on_different_software():
   assert sweep_lib.mixed_software_note(rows[1:]) is None   # one version (and an unknown)
   assert sweep_lib.mixed_software_note([]) is None
   # Runs whose dots ran on oneDNN (a sweep resumed on another CPU or jaxlib) count apart.
-  here, onednn = provenance.software(), provenance.software(onednn_dots=True)
+  here = provenance.software(on_cpu=True)
+  onednn = provenance.software(on_cpu=True, onednn_dots=True)
   assert onednn == here + ", onednn dots"
   note = sweep_lib.mixed_software_note([{"software": here}, {"software": onednn}])
   assert note and "2 software versions" in note and "onednn dots" in note, note
+  # So do runs that trained on CPUs with other thread counts (XLA:CPU splits sums over them).
+  n = provenance.cpu_threads()
+  assert here == provenance.software(on_cpu=False) + f", {n} cpu thread{'s' * (n != 1)}"
+  note = sweep_lib.mixed_software_note([{"software": here.replace(f", {n} cpu", ", 64 cpu")},
+                                        {"software": here}])
+  assert note and "2 software versions" in note and "64 cpu threads" in note, note
 
 
 def test_dead_owner_is_reclaimed(tmp_path):
@@ -221,19 +228,108 @@ def test_parallel_worker_processes_run_every_run_exactly_once(tmp_path):
   workdir = tmp_path / "sweep"
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   cmd = _sweep_cmd(workdir, tmp_path / "cache") + [
-      "--config.workers=2", "--config.budgets=(2e9,4e9)", "--config.sizes_per_budget=2",
-      "--skip_fit"]
+      "--config.workers=2", "--config.pin_workers=true", "--config.budgets=(2e9,4e9)",
+      "--config.sizes_per_budget=2", "--skip_fit"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # sweep.pin_workers: each worker runs on its own share of this process's cores, as
+  # read back from the worker's own affinity mask.
+  pinned = sorted(re.findall(r"worker \d+ on CPU core\(s\) ([\d,]+)", proc.stderr))
+  threads = provenance.cpu_threads()
+  if hasattr(os, "sched_getaffinity"):
+    shares = sweep_lib.core_shares(list(os.sched_getaffinity(0)), 2)
+    assert pinned == sorted(",".join(map(str, c)) for c in shares), proc.stderr[-2000:]
+    threads = len(shares[0])
+  else:
+    assert not pinned, pinned
+  assert re.search(r"training finished in \d+s by 2 workers, \d+ runs per hour: 4 done",
+                   proc.stderr), proc.stderr[-1000:]
   rows = _statuses(workdir)
   assert len(rows) == 4
   assert all(status == "done" and attempts == 1 for status, attempts, _ in rows.values()), rows
   db = sqlite3.connect(str(workdir / "manifest.sqlite"))
   assert len({r[0] for r in db.execute("SELECT owner FROM runs")}) == 1  # owners cleared
+  # Each run records the thread count its worker's XLA:CPU pools had: its share's size.
+  suffix = f", {threads} cpu thread{'s' * (threads != 1)}"
+  assert all(r[0].endswith(suffix) or r[0].endswith(suffix + ", onednn dots")
+             for r in db.execute("SELECT software FROM runs")), suffix
   for rid in rows:  # each run trained in exactly one place, start to finish
     metrics = (workdir / "runs" / rid / "metrics.jsonl").read_text().splitlines()
     steps = [json.loads(l)["step"] for l in metrics]
     assert steps == sorted(set(steps))
+
+
+def test_unpinned_workers_train_what_one_process_trains(tmp_path):
+  # The default (pin_workers=false): each worker's XLA:CPU has every core, as a lone sweep
+  # process has, so its runs end at the same losses, to the bit, with the same software.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+  results = {}
+  for workers in (2, 0):
+    workdir = tmp_path / f"w{workers}"
+    cmd = _sweep_cmd(workdir, tmp_path / "cache") + [   # the second loads the programs
+        f"--config.workers={workers}", "--config.budgets=(2e9,)",
+        "--config.sizes_per_budget=2", "--skip_fit"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("by 2 workers" in proc.stderr) == (workers == 2), proc.stderr[-1000:]
+    assert "on CPU core(s)" not in proc.stderr   # not pinned
+    db = sqlite3.connect(str(workdir / "manifest.sqlite"))
+    results[workers] = {r[0]: (r[1], r[2], r[3]) for r in db.execute(
+        "SELECT id, status, final_eval_loss, software FROM runs")}
+  assert len(results[0]) == 2 and all(r[0] == "done" for r in results[0].values())
+  assert results[2] == results[0]
+  n = provenance.cpu_threads()
+  assert all(f", {n} cpu thread" in r[2] for r in results[0].values()), results[0]
+
+
+def test_core_shares_split_the_cores_among_workers():
+  # Equal shares, so every worker's runs round alike; a remainder stays idle.
+  assert sweep_lib.core_shares([1, 0], 2) == [[0], [1]]
+  assert sweep_lib.core_shares([0, 1, 2], 2) == [[0], [1]]
+  assert sweep_lib.core_shares([2, 5, 7, 9, 11], 1) == [[2, 5, 7, 9, 11]]
+  assert sweep_lib.core_shares([2, 5, 7, 9, 11], 2) == [[2, 5], [7, 9]]
+  sixteen = sweep_lib.core_shares(list(range(16)), 3)
+  assert sixteen == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12, 13, 14]]
+  assert sweep_lib.core_shares(list(range(16)), 4)[3] == [12, 13, 14, 15]
+  assert sweep_lib.core_shares([3], 2) == [[3], [3]]  # more workers than cores: they share
+  assert sweep_lib.core_shares([0, 1], 3) == [[0], [1], [0]]
+
+
+class _Ahead:  # records what _compile_next queues
+  def __init__(self):
+    self.submitted = []
+
+  def submit(self, cfg):
+    self.submitted.append(cfg)
+    return True
+
+
+def test_workers_compile_different_sizes_ahead(tmp_path, monkeypatch):
+  # Another live worker compiling the next size's programs keeps this one off them: it
+  # compiles the size after, and takes the first size again once that claim is old.
+  from lmjax.train import program_key
+  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=3,
+                              group_size=1)
+  runs = plan(sweep)
+  ids = [r.id for r in runs]
+  assert len({program_key(r.config) for r in runs}) == 3
+  m = manifest_lib.Manifest(str(tmp_path / "manifest.sqlite"))
+  m.add(runs)
+  first = f"1|{program_key(runs[0].config)}"
+  dead = f"{socket.gethostname()}:999999999"
+  assert m.claim_compile(first, fresh_s=60, owner=dead)
+  other = f"{socket.gethostname()}:{os.getppid()}"   # a live process
+  assert m.claim_compile(first, fresh_s=60, owner=other)   # the dead owner's claim lapsed
+  judged = set()
+  ahead = _Ahead()
+  sweep_lib._compile_next(ahead, m, ids, None, [], judged, sweep)
+  assert ahead.submitted == [runs[1].config]
+  monkeypatch.setattr(sweep_lib, "COMPILE_CLAIM_S", 0.0)
+  ahead = _Ahead()
+  sweep_lib._compile_next(ahead, m, ids, None, [], judged, sweep)
+  assert ahead.submitted == [runs[0].config]   # now a cache load away
+  assert not m.claim_compile(first, fresh_s=60, owner=other)   # and it is ours for now
 
 
 def test_replica_seeds_plan_adjacent_groupable_runs():
@@ -288,9 +384,11 @@ def test_grouped_replicas_equal_lone_runs(tmp_path):
         proc.stderr[-1000:]
     # The allocator the run trained on (its step times depend on it), lone or grouped.
     assert all(r[4] in ("mimalloc", "system") for r in rows), rows
-    # And the software it trained on: this interpreter's, ending in ", onednn dots" where
-    # this jaxlib and CPU run the f32 runs' dots on oneDNN; so no mixed-versions note.
-    assert {r[5] for r in rows} == {provenance.software(onednn_here)}, rows
+    # And the software it trained on: this interpreter's, this process's CPU thread count,
+    # and ", onednn dots" where this jaxlib and CPU run the f32 runs' dots on oneDNN; so no
+    # mixed-versions note.
+    assert {r[5] for r in rows} == {provenance.software(on_cpu=True,
+                                                        onednn_dots=onednn_here)}, rows
     assert "software versions" not in proc.stderr
     losses[group_size] = {r[0]: r[2] for r in rows}
     for rid in losses[group_size]:
@@ -364,14 +462,6 @@ def test_compile_ahead_forecasts_the_run_claim_takes_next(tmp_path):
   assert training["id"] == ids[1]
   m.finish(second["id"], status="failed", reason="boom")   # out of attempts now
 
-  class Ahead:
-    def __init__(self):
-      self.submitted = []
-
-    def submit(self, cfg):
-      self.submitted.append(cfg)
-      return True
-
   want = {r.id: r.config for r in runs}
   for failed_attempts, expected in ((1, ids[0]), (2, ids[2])):
     with m._transaction() as db:
@@ -379,7 +469,7 @@ def test_compile_ahead_forecasts_the_run_claim_takes_next(tmp_path):
     assert [r["id"] for r in m.runnable(ids, max_attempts=2,
                                         stale_after_s=sweep.stale_after_s)] == (
         [ids[0], ids[2]] if failed_attempts == 1 else [ids[2]])
-    ahead = Ahead()
+    ahead = _Ahead()
     sweep_lib._compile_next(ahead, m, ids, None, [training["id"]], set(), sweep)
     assert ahead.submitted == [want[expected]], failed_attempts
   assert m.rows([ids[0]])[0]["status"] == "failed"   # forecasting claimed nothing

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS runs (
   updated REAL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS compiles (key TEXT PRIMARY KEY, owner TEXT NOT NULL, started REAL);
 """
 
 
@@ -192,6 +193,19 @@ class Manifest:
     with self._transaction() as db:
       db.execute("UPDATE runs SET status='planned', owner=NULL, attempts=MAX(attempts-1, 0), "
                  "updated=? WHERE id=?", (time.time(), rid))
+
+  def claim_compile(self, key: str, *, fresh_s: float, owner: str | None = None) -> bool:
+    """Whether this process may compile `key`'s programs ahead now: False while another
+    live process took it less than fresh_s ago (it is compiling them, and they will be in
+    the persistent cache for this one's run); later the programs are a cache load away."""
+    owner, now = owner or owner_id(), time.time()
+    with self._transaction() as db:
+      row = db.execute("SELECT owner, started FROM compiles WHERE key=?", (key,)).fetchone()
+      if (row and row["owner"] != owner and now - row["started"] < fresh_s
+          and _owner_alive(row["owner"])):
+        return False
+      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)", (key, owner, now))
+    return True
 
   # -- reading --------------------------------------------------------------------------
 

@@ -68,6 +68,12 @@ class SweepConfig:
   # lmjax.multirun.group_key) train together as one compiled group; 1 trains every run alone.
   group_size: int = 8
   workers: int = 0                  # 0: runs in this process; k: k worker processes
+  # Each worker on its own equal share of the parent's CPU cores (Linux), so its XLA:CPU
+  # pools size to that share. Off by default: fewer threads split XLA:CPU's sums
+  # differently, so pinned runs round apart from unpinned and one-process runs (recorded in
+  # their `software`), and on the 2-core AVX2 EPYC pinning was no faster (docs/performance.md,
+  # eighteenth pass).
+  pin_workers: bool = False
   # Compile the next model size's programs in a background thread while a run trains.
   compile_ahead: bool = True
   max_attempts: int = 2             # a failed run is retried until this many attempts

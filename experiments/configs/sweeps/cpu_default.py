@@ -21,6 +21,10 @@ def get_config():
   c.evals_per_run = 8
   c.holdout_budgets = 1
   c.bootstrap = 1000
+  # Two worker processes drain the manifest: these models are too small to keep two cores
+  # busy from one process. 1.23-1.35x the runs per hour of one process on a 2-core CPU, with
+  # the same losses (docs/performance.md, eighteenth pass).
+  c.workers = 2
   c.base.model.update(vocab_size=256, position="rope", norm="rmsnorm", mlp="gelu", max_len=64)
   c.base.train.update(global_batch=16, seq_len=64, log_every=25, steps=1)
   c.base.data.update(eval_batches=8)
