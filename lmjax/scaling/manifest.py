@@ -196,8 +196,9 @@ class Manifest:
 
   def claim_compile(self, key: str, *, fresh_s: float, owner: str | None = None) -> bool:
     """Whether this process may compile `key`'s programs ahead now: False while another
-    live process took it less than fresh_s ago (it is compiling them, and they will be in
-    the persistent cache for this one's run); later the programs are a cache load away."""
+    live process took it less than fresh_s ago (it is compiling them). Later this process
+    may take it again: then the programs are a persistent-cache load away, except those
+    the cache cannot hold (oneDNN dots), which it compiles again."""
     owner, now = owner or owner_id(), time.time()
     with self._transaction() as db:
       row = db.execute("SELECT owner, started FROM compiles WHERE key=?", (key,)).fetchone()
