@@ -49,9 +49,6 @@ def enable_compilation_cache(path: str) -> None:
 
 
 HEARTBEAT_S = 30.0  # how often a training run tells the manifest it is alive
-# Another worker compiling a size's programs ahead keeps the others off them this long:
-# longer than a compile (3-4 s for a cpu_default size on one core), shorter than a sweep.
-COMPILE_CLAIM_S = 30.0
 
 
 def _results(summary: dict, run_dir: str) -> dict:
@@ -85,17 +82,35 @@ def run_group(rows: list[dict], workdir: str, stop: StopFlag | None, on_step=Non
           for s, d in zip(summaries, run_dirs)]
 
 
-def _group_keys(manifest: manifest_lib.Manifest, ids: list[str]) -> dict[str, str]:
+def _row_keys(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig
+              ) -> tuple[dict[str, str] | None, dict[str, str] | None]:
+  """Each run's lmjax.multirun.group_key (where runs may group) and lmjax.train.program_key
+  (where sweep workers share out model sizes), from one parse of the configs."""
+  if sweep.group_size <= 1 and not sweep.workers:
+    return None, None
   from lmjax.multirun import group_key
-  return {r["id"]: group_key(config_lib.from_dict(Config, json.loads(r["config"])))
+  from lmjax.train import program_key
+  cfgs = {r["id"]: config_lib.from_dict(Config, json.loads(r["config"]))
           for r in manifest.rows(ids)}
+  return ({i: group_key(c) for i, c in cfgs.items()} if sweep.group_size > 1 else None,
+          {i: program_key(c) for i, c in cfgs.items()} if sweep.workers else None)
 
 
-def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None) -> list[dict]:
-  """The next runnable run plus up to group_size - 1 more runnable runs of its group key."""
+def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None,
+                 program_keys: dict[str, str] | None = None) -> list[dict]:
+  """The next runnable run plus up to group_size - 1 more runnable runs of its group key.
+
+  With `program_keys` (sweep workers), the next runnable run whose programs no other live
+  worker holds comes first: each worker then trains the sizes it compiled (ahead or for an
+  earlier budget) instead of compiling again what the other has (the persistent cache
+  shares only finished programs, and none with oneDNN dots)."""
   claim = functools.partial(manifest.claim, max_attempts=sweep.max_attempts,
                             stale_after_s=sweep.stale_after_s)
-  row = claim(ids)
+  row = None
+  if program_keys:
+    theirs = {k.partition("|")[2] for k in manifest.compiles_elsewhere()}
+    row = claim([i for i in ids if program_keys[i] not in theirs])
+  row = row or claim(ids)
   if row is None:
     return []
   rows = [row]
@@ -107,6 +122,8 @@ def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None)
         break
       rows.append(more)
       mates.remove(more["id"])
+  if program_keys:
+    manifest.record_compile(f"{len(rows)}|{program_keys[row['id']]}")
   return rows
 
 
@@ -125,10 +142,10 @@ def drain(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfig, w
 
 def _drain(manifest, ids, sweep, workdir, stop, ahead) -> None:
   from lmjax.train import Diverged
-  keys = _group_keys(manifest, ids) if sweep.group_size > 1 else None
+  keys, program_keys = _row_keys(manifest, ids, sweep)
   judged: set[str] = set()  # rows already offered to `ahead`
   while not stop:
-    rows = _claim_group(manifest, ids, sweep, keys)
+    rows = _claim_group(manifest, ids, sweep, keys, program_keys)
     if not rows:
       return
     rids = [r["id"] for r in rows]
@@ -202,9 +219,8 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
               if keys else [row])
       cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
       # Workers look ahead at the same rows: the first takes these programs, and the
-      # others try the next size (offering these again later, as a cache load).
-      if not manifest.claim_compile(f"{len(cfgs)}|{program_key(cfgs[0])}",
-                                    fresh_s=COMPILE_CLAIM_S):
+      # others try the next size (and claim these runs last: _claim_group).
+      if not manifest.claim_compile(f"{len(cfgs)}|{program_key(cfgs[0])}"):
         continue
       judged.update(r["id"] for r in rows)
       queued = ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs)

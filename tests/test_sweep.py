@@ -305,31 +305,48 @@ class _Ahead:  # records what _compile_next queues
     return True
 
 
-def test_workers_compile_different_sizes_ahead(tmp_path, monkeypatch):
-  # Another live worker compiling the next size's programs keeps this one off them: it
-  # compiles the size after, and takes the first size again once that claim is old.
+def test_workers_share_out_model_sizes(tmp_path):
+  # Another live worker that holds a size's programs (it compiled them ahead, or claimed a
+  # run of them) keeps this one off them: this one compiles the size after ahead, and
+  # claims the runs of sizes nobody else holds first; the other's size it takes last.
   from lmjax.train import program_key
-  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9,), sizes_per_budget=3,
-                              group_size=1)
+  sweep = dataclasses.replace(_sweep("tiny"), budgets=(2e9, 4e9), sizes_per_budget=2,
+                              group_size=1, workers=2)
   runs = plan(sweep)
   ids = [r.id for r in runs]
-  assert len({program_key(r.config) for r in runs}) == 3
+  pkeys = {r.id: program_key(r.config) for r in runs}
+  sizes = sorted(set(pkeys.values()), key=list(pkeys.values()).index)
+  assert len(sizes) >= 2 and pkeys[ids[0]] == sizes[0]
   m = manifest_lib.Manifest(str(tmp_path / "manifest.sqlite"))
   m.add(runs)
-  first = f"1|{program_key(runs[0].config)}"
+  first = f"1|{sizes[0]}"
   dead = f"{socket.gethostname()}:999999999"
-  assert m.claim_compile(first, fresh_s=60, owner=dead)
   other = f"{socket.gethostname()}:{os.getppid()}"   # a live process
-  assert m.claim_compile(first, fresh_s=60, owner=other)   # the dead owner's claim lapsed
+  assert m.claim_compile(first, owner=dead)
+  assert m.claim_compile(first, owner=other)   # the dead owner holds nothing
+  assert not m.claim_compile(first)            # the live one does
+  assert m.compiles_elsewhere() == {first}
   judged = set()
   ahead = _Ahead()
   sweep_lib._compile_next(ahead, m, ids, None, [], judged, sweep)
-  assert ahead.submitted == [runs[1].config]
-  monkeypatch.setattr(sweep_lib, "COMPILE_CLAIM_S", 0.0)
-  ahead = _Ahead()
-  sweep_lib._compile_next(ahead, m, ids, None, [], judged, sweep)
-  assert ahead.submitted == [runs[0].config]   # now a cache load away
-  assert not m.claim_compile(first, fresh_s=60, owner=other)   # and it is ours for now
+  assert program_key(ahead.submitted[0]) == sizes[1]   # the size after, now ours
+  assert m.compiles_elsewhere() == {first}
+  _, program_keys = sweep_lib._row_keys(m, ids, sweep)
+  assert program_keys == pkeys
+  claimed = []
+  while rows := sweep_lib._claim_group(m, ids, sweep, None, program_keys):
+    claimed.append(rows[0]["id"])
+  # Every run claimed once; the other worker's size last, each part in sweep order.
+  theirs = [i for i in ids if pkeys[i] == sizes[0]]
+  assert claimed == [i for i in ids if i not in theirs] + theirs, (claimed, ids)
+  assert m.compiles_elsewhere() == set()   # this process holds what it claimed last, theirs too
+  # Without workers, claims keep the sweep's order whoever holds what.
+  m2 = manifest_lib.Manifest(str(tmp_path / "one.sqlite"))
+  m2.add(runs)
+  assert m2.claim_compile(first, owner=other)
+  lone = dataclasses.replace(sweep, workers=0)
+  assert sweep_lib._row_keys(m2, ids, lone) == (None, None)
+  assert [sweep_lib._claim_group(m2, ids, lone, None)[0]["id"] for _ in ids] == ids
 
 
 def test_replica_seeds_plan_adjacent_groupable_runs():

@@ -194,19 +194,28 @@ class Manifest:
       db.execute("UPDATE runs SET status='planned', owner=NULL, attempts=MAX(attempts-1, 0), "
                  "updated=? WHERE id=?", (time.time(), rid))
 
-  def claim_compile(self, key: str, *, fresh_s: float, owner: str | None = None) -> bool:
-    """Whether this process may compile `key`'s programs ahead now: False while another
-    live process took it less than fresh_s ago (it is compiling them). Later this process
-    may take it again: then the programs are a persistent-cache load away, except those
-    the cache cannot hold (oneDNN dots), which it compiles again."""
-    owner, now = owner or owner_id(), time.time()
+  def claim_compile(self, key: str, *, owner: str | None = None) -> bool:
+    """Takes `key`'s programs for this process to compile ahead, unless another live
+    process built or took them last (it holds them: its runs of them need no compile)."""
+    owner = owner or owner_id()
     with self._transaction() as db:
-      row = db.execute("SELECT owner, started FROM compiles WHERE key=?", (key,)).fetchone()
-      if (row and row["owner"] != owner and now - row["started"] < fresh_s
-          and _owner_alive(row["owner"])):
+      row = db.execute("SELECT owner FROM compiles WHERE key=?", (key,)).fetchone()
+      if row and row["owner"] != owner and _owner_alive(row["owner"]):
         return False
-      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)", (key, owner, now))
+      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)", (key, owner, time.time()))
     return True
+
+  def record_compile(self, key: str, *, owner: str | None = None) -> None:
+    """Notes that this process holds `key`'s programs from now (it claimed a run of them)."""
+    with self._transaction() as db:
+      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)",
+                 (key, owner or owner_id(), time.time()))
+
+  def compiles_elsewhere(self, *, owner: str | None = None) -> set[str]:
+    """The compile keys whose programs another live process built or took last."""
+    owner = owner or owner_id()
+    return {r["key"] for r in self._db.execute("SELECT key, owner FROM compiles")
+            if r["owner"] != owner and _owner_alive(r["owner"])}
 
   # -- reading --------------------------------------------------------------------------
 
