@@ -96,6 +96,11 @@ def _row_keys(manifest: manifest_lib.Manifest, ids: list[str], sweep: SweepConfi
           {i: program_key(c) for i, c in cfgs.items()} if sweep.workers else None)
 
 
+def _compile_key(members: int, program_key: str) -> str:
+  """The manifest's `compiles` key of a group of `members` runs (1: a lone run)."""
+  return f"{members}|{program_key}"
+
+
 def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None,
                  program_keys: dict[str, str] | None = None) -> list[dict]:
   """The next runnable run plus up to group_size - 1 more runnable runs of its group key.
@@ -123,7 +128,7 @@ def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None,
       rows.append(more)
       mates.remove(more["id"])
   if program_keys:
-    manifest.record_compile(f"{len(rows)}|{program_keys[row['id']]}")
+    manifest.record_compile(_compile_key(len(rows), program_keys[row["id"]]))
   return rows
 
 
@@ -220,7 +225,7 @@ def _compile_next(ahead, manifest: manifest_lib.Manifest, ids: list[str],
       cfgs = [config_lib.from_dict(Config, json.loads(r["config"])) for r in rows]
       # Workers look ahead at the same rows: the first takes these programs, and the
       # others try the next size (and claim these runs last: _claim_group).
-      if not manifest.claim_compile(f"{len(cfgs)}|{program_key(cfgs[0])}"):
+      if not manifest.claim_compile(_compile_key(len(cfgs), program_key(cfgs[0]))):
         continue
       judged.update(r["id"] for r in rows)
       queued = ahead.submit(cfgs[0]) if len(cfgs) == 1 else compile_group_ahead(ahead, cfgs)

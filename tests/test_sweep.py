@@ -319,7 +319,7 @@ def test_workers_share_out_model_sizes(tmp_path):
   assert len(sizes) >= 2 and pkeys[ids[0]] == sizes[0]
   m = manifest_lib.Manifest(str(tmp_path / "manifest.sqlite"))
   m.add(runs)
-  first = f"1|{sizes[0]}"
+  first = sweep_lib._compile_key(1, sizes[0])
   dead = f"{socket.gethostname()}:999999999"
   other = f"{socket.gethostname()}:{os.getppid()}"   # a live process
   assert m.claim_compile(first, owner=dead)

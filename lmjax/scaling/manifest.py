@@ -202,14 +202,17 @@ class Manifest:
       row = db.execute("SELECT owner FROM compiles WHERE key=?", (key,)).fetchone()
       if row and row["owner"] != owner and _owner_alive(row["owner"]):
         return False
-      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)", (key, owner, time.time()))
+      self._hold(db, key, owner)
     return True
 
   def record_compile(self, key: str, *, owner: str | None = None) -> None:
     """Notes that this process holds `key`'s programs from now (it claimed a run of them)."""
     with self._transaction() as db:
-      db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)",
-                 (key, owner or owner_id(), time.time()))
+      self._hold(db, key, owner or owner_id())
+
+  @staticmethod
+  def _hold(db, key: str, owner: str) -> None:
+    db.execute("INSERT OR REPLACE INTO compiles VALUES (?, ?, ?)", (key, owner, time.time()))
 
   def compiles_elsewhere(self, *, owner: str | None = None) -> set[str]:
     """The compile keys whose programs another live process built or took last."""
