@@ -101,6 +101,11 @@ def _compile_key(members: int, program_key: str) -> str:
   return f"{members}|{program_key}"
 
 
+def _program_of(compile_key: str) -> str:
+  """The program_key inside a _compile_key (the model size, whatever the group size)."""
+  return compile_key.partition("|")[2]
+
+
 def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None,
                  program_keys: dict[str, str] | None = None) -> list[dict]:
   """The next runnable run plus up to group_size - 1 more runnable runs of its group key.
@@ -113,7 +118,7 @@ def _claim_group(manifest, ids, sweep: SweepConfig, keys: dict[str, str] | None,
                             stale_after_s=sweep.stale_after_s)
   row = None
   if program_keys:
-    theirs = {k.partition("|")[2] for k in manifest.compiles_elsewhere()}
+    theirs = {_program_of(k) for k in manifest.compiles_elsewhere()}
     row = claim([i for i in ids if program_keys[i] not in theirs])
   row = row or claim(ids)
   if row is None:
